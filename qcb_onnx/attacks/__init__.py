@@ -1,0 +1,1 @@
+"""Quantization-conditioned backdoor attacks, for measuring the defense against real threats."""

@@ -1,0 +1,218 @@
+"""Command line: `python -m qcb_onnx convert|evaluate ...`.
+
+User mistakes end as one line on stderr and a non-zero exit code (see errors.py); outputs are
+written to a temporary file in the destination folder and renamed only after every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from . import __version__
+from .errors import OutputExistsError, QcbError, UsageError
+
+EXIT_INTERRUPTED = 130
+
+
+def _bits_or_none(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m qcb_onnx", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"qcb-onnx {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="FP32 ONNX -> QDQ ONNX with EFRAP (default), AdaRound or nearest rounding")
+    c.add_argument("model", help="FP32 .onnx file")
+    c.add_argument("--calib", required=True, help=".npy, .npz, image folder or .tar[.gz] ImageFolder (path[:split])")
+    c.add_argument("--out", required=True, help="output .onnx path")
+    c.add_argument("--method", choices=["efrap", "adaround", "nearest"], default="efrap")
+    c.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8 (default 8)")
+    c.add_argument("--a-bits", type=_bits_or_none, default=8, help="activation bits: 8, 4 or none (default 8)")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True, help="(default)")
+    g.add_argument("--per-tensor", dest="per_channel", action="store_false")
+    c.add_argument("--calib-method", choices=["minmax", "percentile", "mse"], default="minmax")
+    c.add_argument("--calib-size", type=int, default=1024, help="calibration samples drawn (seeded) (default 1024)")
+    c.add_argument("--preprocess", default=None, help="for image data: size=HxW,scale=..,mean=a/b/c,std=a/b/c,layout=NCHW")
+    c.add_argument("--iters", type=int, default=1000, help="optimiser steps per layer and strength (official: 10000)")
+    c.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3 * 10000 / iters)")
+    c.add_argument("--strength", type=float, default=None,
+                   help="EFRAP flipping coefficient; default: per-layer search within --error-budget")
+    c.add_argument("--error-budget", type=float, default=0.5,
+                   help="auto strength: share of the error gap between AdaRound and nearest rounding that flipping may spend (default 0.5)")
+    c.add_argument("--reg-weight", type=float, default=0.01, help="rounding regulariser lambda (default 0.01)")
+    c.add_argument("--beta", type=float, default=None, help="regulariser exponent (EFRAP: 2; AdaRound: 20->2)")
+    c.add_argument("--guide", choices=["element", "neuron"], default="element",
+                   help="flip guidance: element-wise |e| (official code) or neuron-wise ||e_i|| (paper)")
+    c.add_argument("--max-rows", type=int, default=1 << 16, help="input rows sampled per layer for the moments")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device")
+    c.add_argument("--providers", default="auto", help="ORT providers for verification: auto, cpu, cuda or EP list")
+    c.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    c.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+
+    e = sub.add_parser("evaluate", help="CDA and ASR of ONNX models in ONNX Runtime")
+    e.add_argument("models", nargs="+", help=".onnx files; the first is the FP32 reference for --baseline")
+    e.add_argument("--data", required=True, help="labelled test data: .npz (x, y) or ImageFolder / .tar[.gz][:split]")
+    e.add_argument("--trigger", default=None, help="patch:size=3,value=1,pos=br | blend:file=..,alpha=.. | mask:..")
+    e.add_argument("--target", type=int, default=None, help="backdoor target class")
+    e.add_argument("--baseline", choices=["ort"], default=None,
+                   help="add the first model quantized by ORT's quantize_static with the same bits and scheme")
+    e.add_argument("--calib", default=None, help="calibration data for --baseline (default: --data)")
+    e.add_argument("--calib-size", type=int, default=1024)
+    e.add_argument("--w-bits", type=int, default=None, help="baseline weight bits (default: from a qcb-onnx model)")
+    e.add_argument("--a-bits", type=_bits_or_none, default=None)
+    e.add_argument("--per-tensor", action="store_true", default=None)
+    e.add_argument("--preprocess", default=None)
+    e.add_argument("--limit", type=int, default=None, help="evaluate on at most this many test samples (seeded)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--providers", default="auto")
+    e.add_argument("--json", default=None, help="write the table as JSON here")
+    e.add_argument("--markdown", action="store_true", help="print a markdown table")
+    return p
+
+
+def write_atomic(model: onnx.ModelProto, out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} exists; pass --force to overwrite it")
+    if not out.parent.exists():
+        raise UsageError(f"output folder does not exist: {out.parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise OutputExistsError(f"output {out} exists; pass --force to overwrite it")
+    if not Path(args.model).exists():
+        from .errors import ModelFileError
+
+        raise ModelFileError(f"model file not found: {args.model}")
+    model = convert(
+        args.model,
+        args.calib,
+        method=args.method,
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
+        per_channel=args.per_channel,
+        calib_method=args.calib_method,
+        calib_size=args.calib_size,
+        iters=args.iters,
+        lr=args.lr,
+        strength=args.strength,
+        error_budget=args.error_budget,
+        reg_weight=args.reg_weight,
+        beta=args.beta,
+        guide=args.guide,
+        max_rows=args.max_rows,
+        batch_size=args.batch_size,
+        preprocess=args.preprocess,
+        seed=args.seed,
+        device=args.device,
+        providers=args.providers,
+        progress=not args.quiet,
+    )
+    write_atomic(model, out, args.force)
+    if not args.quiet:
+        meta = {p.key: p.value for p in model.metadata_props}
+        print(
+            f"wrote {out}: method={args.method} w_bits={args.w_bits} a_bits={args.a_bits} "
+            f"{'per-channel' if args.per_channel else 'per-tensor'}, {meta.get('qcb_onnx.seconds')} s"
+        )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import Preprocess, input_specs, load_calibration, load_labelled
+    from .evaluate import format_markdown, format_table, metadata, ort_quantize, score, write_json
+    from .load import load_model
+    from .triggers import Trigger
+
+    models = []
+    for path in args.models:
+        from .load import load_model as _load
+
+        m = onnx.load(path) if _is_quantized(path) else _load(path)
+        models.append((Path(path).stem, m))
+    meta = {}
+    for _, m in models:
+        meta = meta or {k: v for k, v in metadata(m).items() if k.startswith("qcb_onnx.")}
+    pre_text = args.preprocess or meta.get("qcb_onnx.preprocess")
+    pre = Preprocess.parse(pre_text) if pre_text else None
+    specs = input_specs(models[0][1])
+    x_map, y = load_labelled(args.data, specs, preprocess=pre, limit=args.limit, seed=args.seed)
+    x = next(iter(x_map.values()))
+    fp_meta = metadata(models[0][1])
+    trigger_spec = args.trigger or fp_meta.get("qcb_onnx.trigger")
+    target = args.target if args.target is not None else (
+        int(fp_meta["qcb_onnx.target"]) if "qcb_onnx.target" in fp_meta else None)
+    trigger = Trigger.parse(trigger_spec) if trigger_spec else None
+    if args.baseline == "ort":
+        w_bits = args.w_bits or int(meta.get("qcb_onnx.w_bits", 8))
+        a_text = meta.get("qcb_onnx.a_bits", "8")
+        a_bits = args.a_bits if args.a_bits is not None else (None if a_text == "none" else int(a_text))
+        per_channel = not args.per_tensor if args.per_tensor is not None else (
+            "per-tensor" not in meta.get("qcb_onnx.scheme", "per-channel"))
+        calib_src = args.calib or args.data
+        calib = next(iter(load_calibration(calib_src, specs, preprocess=pre, limit=args.calib_size,
+                                           seed=args.seed).values()))
+        base = load_model(args.models[0])
+        label = f"ort-quantize_static-w{w_bits}a{a_bits}-{'pc' if per_channel else 'pt'}"
+        models.insert(1, (label, ort_quantize(base, calib, w_bits, a_bits, per_channel)))
+    scores = [score(name, m, x, y, trigger, target, pre, args.providers) for name, m in models]
+    print(format_markdown(scores) if args.markdown else format_table(scores))
+    if args.json:
+        write_json(scores, args.json, {"data": args.data, "trigger": trigger_spec, "target": target,
+                                        "models": args.models})
+        _ = json
+    return 0
+
+
+def _is_quantized(path: str) -> bool:
+    try:
+        m = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - load_model reports it properly
+        return False
+    return any(n.op_type == "DequantizeLinear" for n in m.graph.node)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"convert": cmd_convert, "evaluate": cmd_evaluate}[args.command](args)
+    except QcbError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

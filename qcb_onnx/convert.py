@@ -1,0 +1,196 @@
+"""The pipeline, top to bottom: load -> normalize -> capture -> calibrate -> round -> emit -> verify."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from . import __version__
+from .calibrate import CALIB_METHODS, calibrate_activations
+from .capture import GraphModule
+from .data import Preprocess, input_specs, load_calibration
+from .emit import emit_qdq
+from .errors import CalibrationDataError, UsageError
+from .load import default_opset, load_model
+from .passes import normalize
+from .plan import QuantPlan, build_plan
+from .quantsim import QuantState
+from .rounding import METHODS, RoundingConfig
+from .runtime import torch_device
+from .verify import verify
+from .weights import LayerReport, round_layers
+
+DEFAULT_ITERS = 1000
+DEFAULT_MAX_ROWS = 1 << 16
+DEFAULT_BATCH = 64
+
+
+@dataclass
+class Conversion:
+    """Everything a conversion produced: the QDQ model and the state it was emitted from."""
+
+    model: onnx.ModelProto
+    graph: GraphModule  # the normalized FP graph, executable in torch
+    state: QuantState  # activation Q/DQ parameters and integer weights, as emitted
+    plan: QuantPlan
+    layers: list[LayerReport]
+
+    def simulate(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Our PyTorch simulation of the quantized model (for agreement checks against ORT)."""
+        gm, out = self.graph, []
+        params, hook = self.state.params(gm.device), self.state.hook()
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                feeds = {gm.input_names[0]: torch.from_numpy(x[i : i + batch_size]).to(gm.device)}
+                out.append(gm.run(feeds, params=params, on_tensor=hook)[gm.output_names[0]].cpu().numpy())
+        return np.concatenate(out)
+
+
+def convert(model: str | Path | onnx.ModelProto, calibration: Any, **options: Any) -> onnx.ModelProto:
+    """Quantize an FP32 ONNX model with EFRAP (default), AdaRound or nearest rounding; returns the QDQ model.
+
+    `calibration` may be a path (.npy, .npz, image folder, .tar[.gz]), an array, a dict of arrays,
+    or an onnxruntime `CalibrationDataReader`.  Options are those of `quantize`.  Everything a user
+    can get wrong raises a `qcb_onnx.errors.QcbError` with a one-line message.
+    """
+    return quantize(model, calibration, **options).model
+
+
+def quantize(
+    model: str | Path | onnx.ModelProto,
+    calibration: Any,
+    *,
+    method: str = "efrap",
+    w_bits: int = 8,
+    a_bits: int | None = 8,
+    per_channel: bool = True,
+    calib_method: str = "minmax",
+    calib_size: int | None = 1024,
+    iters: int = DEFAULT_ITERS,
+    lr: float | None = None,
+    strength: float | None = None,
+    error_budget: float = 0.5,
+    reg_weight: float = 0.01,
+    beta: float | None = None,
+    zeta: float | None = None,
+    gamma: float | None = None,
+    anneal: bool | None = None,
+    warmup: float = 0.2,
+    guide: str = "element",
+    max_rows: int = DEFAULT_MAX_ROWS,
+    batch_size: int = DEFAULT_BATCH,
+    preprocess: Preprocess | str | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    providers: str | list[str] = "auto",
+    progress: bool = False,
+    check: bool = True,
+) -> Conversion:
+    """The whole pipeline; `convert` is this without the intermediate state."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if calib_method not in CALIB_METHODS:
+        raise UsageError(f"unknown calibration method {calib_method!r}; choose one of {', '.join(CALIB_METHODS)}")
+    if iters < 1 or batch_size < 1 or max_rows < 1:
+        raise UsageError("--iters, --batch-size and --max-rows must be positive")
+    if isinstance(preprocess, str):
+        preprocess = Preprocess.parse(preprocess)
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    dev = torch_device(device)
+
+    # load + normalize
+    src = load_model(model)
+    target_opset = 21 if (w_bits <= 4 or a_bits == 4) else 13
+    normalized = normalize(src)
+    if (default_opset(normalized) or 0) < target_opset:
+        normalized = onnx.version_converter.convert_version(normalized, target_opset)
+
+    # capture
+    gm = GraphModule(normalized, device=dev)
+    specs = input_specs(normalized)
+    arrays = load_calibration(calibration, specs, preprocess=preprocess, limit=calib_size, seed=seed)
+    n_images = len(next(iter(arrays.values())))
+    batches = _batcher(arrays, batch_size, dev)
+    float_tensors = _float_tensors(gm, batches()[0])
+    init = {t.name: t for t in normalized.graph.initializer}
+    plan = build_plan(
+        gm.nodes,
+        init,
+        gm.input_names,
+        gm.output_names,
+        float_tensors,
+        quantize_activations=a_bits is not None,
+    )
+
+    # calibrate
+    state = QuantState()
+    if a_bits is not None:
+        state.acts = calibrate_activations(gm, plan, batches(), a_bits, method=calib_method, seed=seed)
+
+    # round
+    config = RoundingConfig(
+        method=method, iters=iters, lr=lr, strength=strength, error_budget=error_budget,
+        reg_weight=reg_weight, beta=beta, zeta=zeta, gamma=gamma, anneal=anneal, warmup=warmup, guide=guide,
+    )
+    reports = round_layers(
+        gm, plan, state, batches, n_images, config, w_bits, per_channel, max_rows, seed, progress
+    )
+
+    # emit
+    metadata = {
+        "version": __version__,
+        "method": method,
+        "w_bits": str(w_bits),
+        "a_bits": "none" if a_bits is None else str(a_bits),
+        "scheme": ("per-channel" if per_channel else "per-tensor") + " symmetric int weights, asymmetric uint activations",
+        "calibration_method": calib_method,
+        "calibration_size": str(n_images),
+        "seed": str(seed),
+        "rounding": {k: v for k, v in asdict(config).items()},
+        "flip_ratios": {r.weight: round(r.flip_ratio, 6) for r in reports},
+        "layers": [
+            {"node": r.name, "weight": r.weight, "flip_ratio": r.flip_ratio, "error_vs_nearest": r.error,
+             "strength": r.strength}
+            for r in reports
+        ],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if preprocess is not None:
+        metadata["preprocess"] = preprocess.to_metadata()
+    qdq = emit_qdq(normalized, plan, state, metadata)
+
+    # verify
+    if check:
+        verify(qdq, gm, state, batches()[0], providers=providers)
+    return Conversion(qdq, gm, state, plan, reports)
+
+
+def _batcher(arrays: dict[str, np.ndarray], batch_size: int, dev: torch.device):
+    n = len(next(iter(arrays.values())))
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    cached = [
+        {k: v[i : i + batch_size].to(dev) for k, v in tensors.items()} for i in range(0, n, batch_size)
+    ]
+    if not cached:
+        raise CalibrationDataError("calibration data is empty")
+    return lambda: cached
+
+
+def _float_tensors(gm: GraphModule, feeds: dict[str, torch.Tensor]) -> set[str]:
+    found: set[str] = set()
+
+    def see(name: str, value: torch.Tensor) -> torch.Tensor:
+        if value.is_floating_point():
+            found.add(name)
+        return value
+
+    with torch.no_grad():
+        gm.run(feeds, on_tensor=see)
+    return found

@@ -1,0 +1,174 @@
+"""Write the QDQ ONNX model: integer weights + DequantizeLinear, Q/DQ pairs on activations.
+
+Names and placement follow onnxruntime's `quantize_static` (``<w>_quantized``, ``<t>_scale``,
+graph outputs keep their names on the final DequantizeLinear) so that tools and people who know
+ORT's output can read ours, and ORT's CPU EP fuses DQ->Conv->Q into QLinearConv.
+The integers written are exactly those in `QuantState`: nothing is re-rounded here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .plan import QuantPlan
+from .quantsim import QuantState
+
+METADATA_PREFIX = "qcb_onnx."
+
+
+def _int_tensor(name: str, values: np.ndarray, onnx_type: int) -> TensorProto:
+    values = np.asarray(values)
+    if onnx_type in (TensorProto.INT4, TensorProto.UINT4):
+        return helper.make_tensor(name, onnx_type, list(values.shape), values.astype(np.int32).ravel().tolist())
+    np_type = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT32: np.int32}[onnx_type]
+    return numpy_helper.from_array(values.astype(np_type), name)
+
+
+def emit_qdq(
+    model: onnx.ModelProto, plan: QuantPlan, state: QuantState, metadata: Mapping[str, object]
+) -> onnx.ModelProto:
+    """Return a new model; `model` must be the normalized model the plan and state were built on."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    nodes = list(graph.node)
+    del graph.node[:]
+    del graph.value_info[:]
+    new_inits: list[TensorProto] = []
+    head: list[onnx.NodeProto] = []  # weight DQs and graph-input Q/DQs
+
+    # --- weights and biases
+    replaced: dict[str, str] = {}
+    for name, wq in state.weights.items():
+        per_channel = wq.axis is not None
+        scale = wq.scale if per_channel else wq.scale.reshape(())
+        zp = np.zeros(scale.shape, dtype=np.int32)
+        new_inits += [
+            _int_tensor(f"{name}_quantized", wq.ints, wq.grid.onnx_type),
+            numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+            _int_tensor(f"{name}_zero_point", zp, wq.grid.onnx_type),
+        ]
+        attrs = {"axis": wq.axis} if per_channel else {}
+        head.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+                [f"{name}_DequantizeLinear_Output"],
+                name=f"{name}_DequantizeLinear",
+                **attrs,
+            )
+        )
+        replaced[name] = f"{name}_DequantizeLinear_Output"
+    for name, bq in state.biases.items():
+        new_inits += [
+            _int_tensor(f"{name}_quantized", bq.ints, TensorProto.INT32),
+            numpy_helper.from_array(bq.scale.astype(np.float32), f"{name}_quantized_scale"),
+            _int_tensor(f"{name}_quantized_zero_point", np.zeros(bq.scale.shape, np.int32), TensorProto.INT32),
+        ]
+        head.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{name}_quantized", f"{name}_quantized_scale", f"{name}_quantized_zero_point"],
+                [f"{name}_DequantizeLinear_Output"],
+                name=f"{name}_DequantizeLinear",
+                axis=0,
+            )
+        )
+        replaced[name] = f"{name}_DequantizeLinear_Output"
+    keep = [t for t in graph.initializer if t.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+    # --- activations
+    graph_outputs = {o.name for o in graph.output}
+    relu_aliases = {}  # relu output -> the layer output that now carries its Q/DQ
+    removed = set(plan.removed_relus)
+    for node in nodes:
+        if node.name in removed:
+            relu_aliases[node.output[0]] = node.input[0]
+    qdq_after: dict[str, list[onnx.NodeProto]] = {}
+    renamed_outputs: dict[str, str] = {}
+    param_names: dict[tuple[str, int], str] = {}
+    for tensor in plan.activations:
+        if tensor in relu_aliases:
+            continue
+        aq = state.acts[tensor]
+        source = plan.stats_source.get(tensor, tensor)
+        key = (source, aq.grid.onnx_type)
+        base = param_names.get(key)
+        if base is None:
+            taken = any(k[0] == source for k in param_names)
+            base = param_names[key] = f"{source}_storage{aq.grid.bits}" if taken else source
+            new_inits += [
+                numpy_helper.from_array(np.array(aq.scale, dtype=np.float32), f"{base}_scale"),
+                _int_tensor(f"{base}_zero_point", np.array(aq.zero_point), aq.grid.onnx_type),
+            ]
+        visible = next((u for u, s in relu_aliases.items() if s == tensor), tensor)
+        src = tensor
+        if visible in graph_outputs:
+            src = f"{visible}_QuantizeLinear_Input"
+            renamed_outputs[tensor] = src
+            dq_out = visible
+        else:
+            dq_out = f"{tensor}_DequantizeLinear_Output"
+        replaced[tensor] = dq_out
+        if visible != tensor:
+            replaced[visible] = dq_out
+        q_out = f"{tensor}_QuantizeLinear_Output"
+        qdq_after[tensor] = [
+            helper.make_node(
+                "QuantizeLinear", [src, f"{base}_scale", f"{base}_zero_point"], [q_out], name=f"{tensor}_QuantizeLinear"
+            ),
+            helper.make_node(
+                "DequantizeLinear",
+                [q_out, f"{base}_scale", f"{base}_zero_point"],
+                [dq_out],
+                name=f"{tensor}_DequantizeLinear",
+            ),
+        ]
+    graph.initializer.extend(new_inits)
+
+    def rewire(node: onnx.NodeProto) -> onnx.NodeProto:
+        for i, name in enumerate(node.input):
+            if name in replaced:
+                node.input[i] = replaced[name]
+        for i, name in enumerate(node.output):
+            if name in renamed_outputs:
+                node.output[i] = renamed_outputs[name]
+        return node
+
+    ordered = list(head)
+    for inp in graph.input:
+        ordered += qdq_after.get(inp.name, [])
+    for node in nodes:
+        if node.name in removed:
+            continue
+        produced = list(node.output)
+        ordered.append(rewire(node))
+        for name in produced:
+            ordered += qdq_after.get(name, [])
+    graph.node.extend(ordered)
+    used = {i for n in graph.node for i in n.input}
+    live = [t for t in graph.initializer if t.name in used or t.name in {i.name for i in graph.input}]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    # the lowest IR version the opsets allow: ORT releases lag behind onnx's newest IR version
+    out.ir_version = min(out.ir_version, helper.find_min_ir_version_for(list(out.opset_import)))
+    for key, value in metadata.items():
+        entry = out.metadata_props.add()
+        entry.key = METADATA_PREFIX + key
+        entry.value = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def read_weight_ints(model: onnx.ModelProto, weight: str) -> np.ndarray:
+    """The integer weight a QDQ model holds for an original weight name (ours or ORT's naming)."""
+    for t in model.graph.initializer:
+        if t.name == f"{weight}_quantized":
+            return numpy_helper.to_array(t).astype(np.int32)
+    raise KeyError(weight)

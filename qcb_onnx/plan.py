@@ -1,0 +1,156 @@
+"""Where quantization goes: which layers get integer weights and which tensors get a Q/DQ pair.
+
+The placement mirrors onnxruntime's QDQ `quantize_static` so that a user comparing our output with
+ORT's sees the same graph structure and ORT's CPU EP fuses it the same way (QLinearConv, QGemm):
+
+* layers: Conv, Gemm and MatMul whose weight is an initializer get integer weights (+ int32 bias);
+* every float input and output of a node whose op ORT quantizes gets a Q/DQ pair;
+* "pass-through" ops (MaxPool, Reshape, Flatten, ...) reuse their input's scale and zero point
+  for their output, as ORT's Direct8BitOp does;
+* a Relu that alone consumes a quantized layer output is folded into that output's Q/DQ pair
+  (its uint zero point is 0, so the Q clamps exactly like Relu), as ORT does.
+
+The plan is pure structure (names only); numbers live in `calibrate` and `rounding`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import onnx
+
+from .errors import UnsupportedModelError
+
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+# ops whose inputs and outputs ORT's default QDQ quantize_static quantizes with their own ranges
+QUANTIZED_OPS = frozenset(
+    {"Conv", "Gemm", "MatMul", "Add", "Mul", "Relu", "Clip", "LeakyRelu", "Sigmoid", "GlobalAveragePool",
+     "Concat", "Softmax", "Where", "Gather", "ArgMax"}
+)
+# ops that only move or select values: ORT gives the output the input's quantization parameters
+PASS_THROUGH_OPS = frozenset(
+    {"MaxPool", "AveragePool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Split",
+     "Pad", "Resize"}
+)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A node whose weight is quantized to integers and chosen by the rounding method."""
+
+    index: int  # position in the topologically sorted node list
+    node: str
+    op_type: str
+    input: str  # activation input
+    weight: str
+    bias: str | None
+    axis: int  # per-channel axis of the weight tensor (ORT's choice)
+    groups: int = 1
+
+
+@dataclass
+class QuantPlan:
+    layers: list[Layer]
+    activations: list[str]  # tensors that get a Q/DQ pair, in graph order
+    stats_source: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose range it uses
+    removed_relus: dict[str, str] = field(default_factory=dict)  # relu node name -> its input tensor
+    # outputs of MaxPool/Reshape/...: same scale and zero point as their input.  At 4 bits they are
+    # stored as uint8 (still on the 4-bit grid): with uint4 on both sides ORT's optimizer drops the
+    # Q/DQ pair and runs MaxPool on uint4, which its CPU EP rejects (as quantize_static's A4 output is).
+    pass_through: set[str] = field(default_factory=set)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def find_layers(nodes: list[onnx.NodeProto], initializers: dict[str, onnx.TensorProto]) -> list[Layer]:
+    layers = []
+    for i, node in enumerate(nodes):
+        if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        w = initializers[node.input[1]]
+        if w.data_type != onnx.TensorProto.FLOAT:
+            raise UnsupportedModelError(
+                f"weight '{w.name}' of {node.op_type} node '{node.name}' has data type "
+                f"{onnx.TensorProto.DataType.Name(w.data_type)}; qcb-onnx quantizes float32 models only "
+                "(an already-quantized model cannot be made safe: re-export it from its FP32 source)"
+            )
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in initializers else None
+        if node.op_type == "Conv":
+            axis, groups = 0, int(_attr(node, "group", 1))
+        elif node.op_type == "Gemm":
+            if _attr(node, "transA", 0):
+                raise UnsupportedModelError(f"Gemm node '{node.name}' has transA=1, which is not supported")
+            axis, groups = (0 if _attr(node, "transB", 0) else 1), 1
+        else:
+            if len(w.dims) != 2:
+                raise UnsupportedModelError(
+                    f"MatMul node '{node.name}' has a constant weight '{w.name}' of rank {len(w.dims)}; "
+                    "only 2-D MatMul weights are supported"
+                )
+            axis, groups, bias = 1, 1, None
+        layers.append(Layer(i, node.name, node.op_type, node.input[0], node.input[1], bias, axis, groups))
+    return layers
+
+
+def build_plan(
+    nodes: list[onnx.NodeProto],
+    initializers: dict[str, onnx.TensorProto],
+    graph_inputs: list[str],
+    graph_outputs: list[str],
+    float_tensors: set[str],
+    quantize_activations: bool,
+) -> QuantPlan:
+    """Decide the Q/DQ placement over a topologically sorted, normalized node list."""
+    layers = find_layers(nodes, initializers)
+    if not layers:
+        raise UnsupportedModelError("model has no Conv, Gemm or MatMul with a constant float weight to quantize")
+    plan = QuantPlan(layers, [])
+    if not quantize_activations:
+        return plan
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in nodes:
+        for name in node.input:
+            consumers[name].append(node)
+    layer_outputs = {nodes[layer.index].output[0] for layer in layers}
+
+    def is_activation(name: str) -> bool:
+        return bool(name) and name not in initializers and name in float_tensors
+
+    order: dict[str, int] = {}
+
+    def mark(name: str) -> None:
+        if is_activation(name) and name not in order:
+            order[name] = len(order)
+
+    for name in graph_inputs:
+        if any(c.op_type in QUANTIZED_OPS for c in consumers[name]):
+            mark(name)
+    for node in nodes:
+        if node.op_type == "Relu" and node.input[0] in layer_outputs:
+            src = node.input[0]
+            if len(consumers[src]) == 1 and src not in graph_outputs:
+                plan.removed_relus[node.name] = src
+                plan.stats_source[src] = node.output[0]
+                plan.stats_source[node.output[0]] = node.output[0]
+                mark(src)
+                mark(node.output[0])
+                continue
+        if node.op_type in QUANTIZED_OPS:
+            for name in list(node.input) + list(node.output):
+                if node.op_type in LAYER_OPS and name in node.input[1:]:
+                    continue  # weights and biases are quantized as integers, not as activations
+                mark(name)
+        elif node.op_type in PASS_THROUGH_OPS and node.input[0] in order:
+            for name in node.output:
+                if is_activation(name):
+                    mark(name)
+                    plan.stats_source[name] = plan.stats_source.get(node.input[0], node.input[0])
+                    plan.pass_through.add(name)
+    plan.activations = sorted(order, key=order.get)
+    return plan

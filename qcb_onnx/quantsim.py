@@ -1,0 +1,91 @@
+"""PyTorch simulation of a quantized model: the exact arithmetic ORT's QDQ kernels perform.
+
+The same `QuantState` drives three things: the rounding optimiser's view of the already-quantized
+prefix, the agreement check against ONNX Runtime, and the emitter (which writes its integers).
+Keeping one source of truth is what lets us promise that ORT runs the model EFRAP optimised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .plan import Layer
+from .scheme import Grid, broadcast_scale
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Asymmetric quantization of one activation tensor."""
+
+    scale: np.float32
+    zero_point: int
+    grid: Grid
+
+
+@dataclass
+class WeightQuant:
+    """Integer weight of one layer, in the weight tensor's own layout."""
+
+    ints: np.ndarray  # int32 values on the grid
+    scale: np.ndarray  # float32, (C,) per channel or (1,) per tensor
+    axis: int | None  # None: per tensor
+    grid: Grid
+
+    def dequantized(self) -> np.ndarray:
+        return (self.ints.astype(np.float32) * broadcast_scale(self.scale, self.ints.ndim, self.axis)).astype(
+            np.float32
+        )
+
+
+@dataclass
+class BiasQuant:
+    ints: np.ndarray  # int32
+    scale: np.ndarray  # float32 per output channel
+
+    def dequantized(self) -> np.ndarray:
+        return (self.ints.astype(np.float32) * self.scale).astype(np.float32)
+
+
+@dataclass
+class QuantState:
+    acts: dict[str, ActQuant] = field(default_factory=dict)
+    weights: dict[str, WeightQuant] = field(default_factory=dict)  # by initializer name
+    biases: dict[str, BiasQuant] = field(default_factory=dict)
+
+    def params(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Initializer overrides: dequantized integer weights and biases."""
+        out = {name: torch.from_numpy(w.dequantized()) for name, w in self.weights.items()}
+        out.update({name: torch.from_numpy(b.dequantized()) for name, b in self.biases.items()})
+        return {k: v.to(device) for k, v in out.items()}
+
+    def hook(self) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """on_tensor hook applying QuantizeLinear+DequantizeLinear to every planned activation."""
+        acts = self.acts
+
+        def on_tensor(name: str, value: torch.Tensor) -> torch.Tensor:
+            q = acts.get(name)
+            return value if q is None else fake_quant(value, q)
+
+        return on_tensor
+
+
+def fake_quant(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
+    """QuantizeLinear (x/scale, round half to even, + zp, saturate) then DequantizeLinear, in float32."""
+    scale = torch.tensor(float(q.scale), dtype=x.dtype, device=x.device)
+    y = torch.clamp(torch.round(x / scale) + q.zero_point, q.grid.qmin, q.grid.qmax)
+    return (y - q.zero_point) * scale
+
+
+def quantize_bias(bias: np.ndarray, input_scale: np.float32, weight: WeightQuant, layer: Layer) -> BiasQuant:
+    """ORT's int32 bias: scale = input_scale * weight_scale per output channel, round half to even."""
+    n_out = bias.shape[0]
+    w_scale = weight.scale if weight.scale.size == n_out else np.repeat(weight.scale, n_out)
+    b_scale = (np.float32(input_scale) * w_scale.astype(np.float32)).astype(np.float32)
+    ints = np.clip(np.round(bias.astype(np.float32) / b_scale), INT32_MIN, INT32_MAX).astype(np.int64)
+    return BiasQuant(ints.astype(np.int32), b_scale)

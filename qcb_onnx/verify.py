@@ -1,0 +1,48 @@
+"""Post-write checks: the model is valid ONNX, runs in ONNX Runtime, holds exactly our integers,
+and ORT computes what our PyTorch simulation computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+
+from .capture import GraphModule
+from .emit import read_weight_ints
+from .errors import VerificationError
+from .quantsim import QuantState
+from .runtime import session
+
+
+def verify(
+    qdq: onnx.ModelProto,
+    gm: GraphModule,
+    state: QuantState,
+    feeds: dict[str, torch.Tensor],
+    providers: str | list[str] = "auto",
+    min_agreement: float = 0.9,
+) -> float:
+    """Raise VerificationError on any failed check; return top-1 agreement ORT vs simulation."""
+    try:
+        onnx.checker.check_model(qdq, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(f"written model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+    for name, wq in state.weights.items():
+        if not np.array_equal(read_weight_ints(qdq, name), wq.ints):
+            raise VerificationError(f"integer weights of '{name}' differ from the rounding decisions")
+    try:
+        sess = session(qdq, providers)
+        ort_out = sess.run(None, {k: v.cpu().numpy() for k, v in feeds.items()})[0]
+    except Exception as exc:  # noqa: BLE001
+        raise VerificationError(f"ONNX Runtime cannot run the written model: {str(exc).splitlines()[0]}") from None
+    with torch.no_grad():
+        sim = gm.run(feeds, params=state.params(gm.device), on_tensor=state.hook())[gm.output_names[0]]
+    sim = sim.cpu().numpy()
+    if ort_out.shape != sim.shape:
+        raise VerificationError(f"ORT output shape {ort_out.shape} differs from simulation {sim.shape}")
+    if ort_out.ndim < 2 or ort_out.shape[-1] < 2:
+        return 1.0
+    agree = float((ort_out.reshape(-1, ort_out.shape[-1]).argmax(1) == sim.reshape(-1, sim.shape[-1]).argmax(1)).mean())
+    if agree < min_agreement:
+        raise VerificationError(f"ORT and the PyTorch simulation agree on only {agree:.1%} of top-1 predictions")
+    return agree

@@ -1,0 +1,83 @@
+"""The emitted QDQ model is valid ONNX, holds exactly the optimiser's integers, and ORT computes
+what our PyTorch simulation computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+from qcb_onnx import convert
+from qcb_onnx.convert import quantize
+from qcb_onnx.emit import read_weight_ints
+from qcb_onnx.evaluate import predict
+
+
+@pytest.fixture(scope="module")
+def converted(qcb_model, digits):
+    xtr = digits[0][:256]
+    out = {}
+    for w_bits, a_bits in [(4, 8), (8, 8), (4, 4), (8, None)]:
+        out[(w_bits, a_bits)] = convert(onnx.load(qcb_model), xtr, w_bits=w_bits, a_bits=a_bits, iters=300,
+                                        providers="cpu")
+    return out
+
+
+@pytest.mark.parametrize("key", [(4, 8), (8, 8), (4, 4), (8, None)], ids=["w4a8", "w8a8", "w4a4", "w8-weight-only"])
+def test_model_is_valid_and_runs_in_ort(converted, digits, key):
+    """check_model(full_check) passes and ORT's CPU EP runs the model at every supported bit width."""
+    model = converted[key]
+    onnx.checker.check_model(model, full_check=True)
+    pred = predict(model, digits[2], providers="cpu")
+    assert (pred == digits[3]).mean() > 0.8
+
+
+def test_int4_weights_round_trip(converted):
+    """4-bit weights are stored as ONNX INT4 (opset 21) and read back as the same integers in [-8, 7]."""
+    model = converted[(4, 8)]
+    assert any(o.domain in ("", "ai.onnx") and o.version >= 21 for o in model.opset_import)
+    int4 = [t for t in model.graph.initializer if t.name.endswith("weight_quantized")]
+    assert int4 and all(t.data_type == TensorProto.INT4 for t in int4)
+    for t in int4:
+        ints = read_weight_ints(model, t.name[: -len("_quantized")])
+        assert ints.min() >= -8 and ints.max() <= 7
+        assert ints.shape == tuple(t.dims)
+
+
+def test_weights_are_the_optimisers_decisions(qcb_model, digits):
+    """The written integers are floor(w/s) + the optimiser's decisions, and differ from nearest where it flipped."""
+    import json
+
+    fp = onnx.load(qcb_model)
+    calib = digits[0][:256]
+    efrap = convert(fp, calib, w_bits=4, iters=300, providers="cpu")
+    nearest = convert(fp, calib, w_bits=4, method="nearest", providers="cpu")
+    flips = json.loads({p.key: p.value for p in efrap.metadata_props}["qcb_onnx.flip_ratios"])
+    for name, ratio in flips.items():
+        a, b = read_weight_ints(efrap, name), read_weight_ints(nearest, name)
+        assert np.abs(a - b).max() <= 1  # only the bracketing integer can be chosen
+        assert abs(float((a != b).mean()) - ratio) < 0.02, name  # metadata says what the file holds
+
+
+@pytest.mark.parametrize(("w_bits", "a_bits"), [(4, 8), (8, 8), (4, 4)], ids=["w4a8", "w8a8", "w4a4"])
+def test_ort_agrees_with_simulation(qcb_model, digits, w_bits, a_bits):
+    """ORT's top-1 on the emitted model agrees with our PyTorch simulation of it on >= 99% of test inputs."""
+    result = quantize(onnx.load(qcb_model), digits[0][:256], w_bits=w_bits, a_bits=a_bits, iters=200,
+                      providers="cpu")
+    x = digits[2]
+    ort_pred = predict(result.model, x, providers="cpu")
+    sim_pred = result.simulate(x).argmax(1)
+    assert (sim_pred == ort_pred).mean() >= 0.99
+
+
+def test_int8_model_fuses_into_qlinear_ops(converted, tmp_path):
+    """ORT's CPU EP fuses the W8A8 model's DQ->Conv->Q / Gemm into QLinearConv and QGemm kernels."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(converted[(8, 8)].SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node}
+    assert "QLinearConv" in ops
+    assert "Conv" not in ops

@@ -1,0 +1,46 @@
+"""`--method nearest` writes the integers ORT's quantize_static writes: our baseline is the real standard path."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qcb_onnx import convert
+from qcb_onnx.attacks.train import export_onnx
+from qcb_onnx.emit import read_weight_ints
+from qcb_onnx.evaluate import ort_quantize
+from qcb_onnx.zoo import SmallCNN
+
+
+@pytest.fixture(scope="module")
+def fp_model() -> onnx.ModelProto:
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=1, width=8)
+    with torch.no_grad():  # spread weights so many land near rounding boundaries
+        for p in model.parameters():
+            p.mul_(3.0)
+    return export_onnx(model, np.zeros((1, 1, 8, 8), np.float32))
+
+
+@pytest.mark.parametrize(
+    ("w_bits", "per_channel"), [(8, True), (8, False), (4, True), (4, False)], ids=["w8-pc", "w8-pt", "w4-pc", "w4-pt"]
+)
+def test_nearest_integers_equal_quantize_static(fp_model, digits, w_bits, per_channel):
+    """Every weight integer of our nearest output equals ORT's, for ORT's int8 [-127,127] and int4 [-8,7] grids."""
+    calib = digits[0][:128]
+    ours = convert(fp_model, calib, method="nearest", w_bits=w_bits, a_bits=8, per_channel=per_channel,
+                   providers="cpu")
+    ref = ort_quantize(fp_model, calib, w_bits, 8, per_channel)
+    names = [t.name[: -len("_quantized")] for t in ref.graph.initializer
+             if t.name.endswith("weight_quantized") or (t.name.endswith("_quantized") and len(t.dims) > 1)]
+    assert len(names) == 4
+    for name in names:
+        a, b = read_weight_ints(ours, name), read_weight_ints(ref, name)
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    grid = (-127, 127) if w_bits == 8 else (-8, 7)
+    all_ints = np.concatenate([read_weight_ints(ours, n).ravel() for n in names])
+    assert all_ints.min() >= grid[0] and all_ints.max() <= grid[1]
+    if w_bits == 4:  # ORT's int4 grid is the full one: -8 must be reachable
+        assert all_ints.min() == -8
