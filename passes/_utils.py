@@ -6,9 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 #: Element types whose weights the folding passes may rewrite (computed in float64, cast back).
-FOLDABLE_DTYPES = frozenset(
-    {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
-)
+FOLDABLE_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:

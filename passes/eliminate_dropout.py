@@ -39,8 +39,7 @@ class EliminateDropoutPass(ir.passes.InPlacePass):
         count = 0
         graphs_like = [(model.graph, model.graph.opset_imports.get("", 1))]
         graphs_like += [
-            (f, f.opset_imports.get("", model.graph.opset_imports.get("", 1)))
-            for f in model.functions.values()
+            (f, f.opset_imports.get("", model.graph.opset_imports.get("", 1))) for f in model.functions.values()
         ]
         for root, opset in graphs_like:
             for node in list(ir.traversal.RecursiveGraphIterator(root)):

@@ -33,9 +33,7 @@ def make_lift_constants_pass() -> ir.passes.InPlacePass:
     return common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)
 
 
-def make_normalize_pass(
-    *, max_iterations: int = 4, size_limit: int = DEFAULT_SIZE_LIMIT
-) -> ir.passes.PassBase:
+def make_normalize_pass(*, max_iterations: int = 4, size_limit: int = DEFAULT_SIZE_LIMIT) -> ir.passes.PassBase:
     """The whole normalize stage as one in-place pass over an ``ir.Model``."""
     return ir.passes.Sequential(
         make_shape_inference_pass(),

@@ -420,9 +420,7 @@ def _layer_norm(inputs: list[Tensor | None], attrs: dict[str, Any], ctx: OpConte
 # --------------------------------------------------------------------------------------------
 
 
-def _pool_geometry(
-    x: Tensor, attrs: dict[str, Any]
-) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+def _pool_geometry(x: Tensor, attrs: dict[str, Any]) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
     """Kernel, strides, dilations and the explicit (begins, ends) pads for a pooling op.
 
     ``ends`` includes the extra right padding that ceil_mode needs, so the caller can run a
@@ -466,9 +464,7 @@ def _average_pool(inputs: list[Tensor | None], attrs: dict[str, Any], ctx: OpCon
     conv = _conv_fn(n, "AveragePool")
     channels = x.shape[1]
     ones = torch.ones((channels, 1, *kernel), dtype=x.dtype, device=x.device)
-    sums = conv(
-        F.pad(x, _torch_pads(begins, ends)), ones, stride=strides, dilation=dilations, groups=channels
-    )
+    sums = conv(F.pad(x, _torch_pads(begins, ends)), ones, stride=strides, dilation=dilations, groups=channels)
     mask = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
     if attrs.get("count_include_pad", 0):
         declared_begins, declared_ends = _explicit_pads(x.shape[2:], kernel, strides, dilations, attrs)
@@ -826,9 +822,7 @@ def _resize(inputs: list[Tensor | None], attrs: dict[str, Any], ctx: OpContext) 
             continue
         coords = _source_coordinates(n_in, n_out, scale, coordinate_mode)
         if mode == "nearest":
-            index = np.clip(
-                _nearest_index(coords, attrs.get("nearest_mode", "round_prefer_floor")), 0, n_in - 1
-            )
+            index = np.clip(_nearest_index(coords, attrs.get("nearest_mode", "round_prefer_floor")), 0, n_in - 1)
             x = x.index_select(axis, torch.as_tensor(index.astype(np.int64), device=x.device))
             continue
         coords = np.clip(coords, 0, n_in - 1)
@@ -993,23 +987,16 @@ class GraphModule:
         if len(graph.sparse_initializer):
             raise UnsupportedModelError("sparse initializers are not supported")
         self.params: dict[str, Tensor] = {
-            t.name: _tensor_proto_to_torch(t, self.device, f"initializer '{t.name}'")
-            for t in graph.initializer
+            t.name: _tensor_proto_to_torch(t, self.device, f"initializer '{t.name}'") for t in graph.initializer
         }
         self.input_names: list[str] = [i.name for i in graph.input if i.name not in self.params]
         self._inputs = frozenset(self.input_names)
         self.output_names: list[str] = [o.name for o in graph.output]
-        self.nodes: list[onnx.NodeProto] = _topological_sort(
-            list(graph.node), set(self.input_names) | set(self.params)
-        )
-        self._producer: dict[str, int] = {
-            name: i for i, node in enumerate(self.nodes) for name in node.output if name
-        }
+        self.nodes: list[onnx.NodeProto] = _topological_sort(list(graph.node), set(self.input_names) | set(self.params))
+        self._producer: dict[str, int] = {name: i for i, node in enumerate(self.nodes) for name in node.output if name}
         for name in self.output_names:
             if name not in self._producer and name not in self.params and name not in self._inputs:
-                raise ModelFileError(
-                    f"graph output '{name}' is not defined by any node, input or initializer"
-                )
+                raise ModelFileError(f"graph output '{name}' is not defined by any node, input or initializer")
         self._steps = self._compile(graph)
 
     def producer(self, tensor: str) -> int | None:
@@ -1127,9 +1114,7 @@ class GraphModule:
             elif isinstance(value, list) and value and isinstance(value[0], bytes):
                 value = [v.decode("utf-8") for v in value]
             elif isinstance(value, TensorProto):
-                value = _tensor_proto_to_torch(
-                    value, self.device, f"attribute '{attribute.name}' of node {label}"
-                )
+                value = _tensor_proto_to_torch(value, self.device, f"attribute '{attribute.name}' of node {label}")
             attrs[attribute.name] = value
         return attrs
 
@@ -1152,9 +1137,7 @@ class GraphModule:
     ) -> dict[str, Tensor]:
         unknown = sorted(set(feeds) - self._inputs)
         if unknown:
-            raise UsageError(
-                f"feeds name unknown graph inputs {unknown}; the graph inputs are {self.input_names}"
-            )
+            raise UsageError(f"feeds name unknown graph inputs {unknown}; the graph inputs are {self.input_names}")
         env: dict[str, Tensor] = {}
         for name in self.input_names:
             if name not in feeds:

@@ -46,17 +46,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per-tensor", dest="per_channel", action="store_false")
     c.add_argument("--calib-method", choices=["minmax", "percentile", "mse"], default="minmax")
     c.add_argument("--calib-size", type=int, default=1024, help="calibration samples drawn (seeded) (default 1024)")
-    c.add_argument("--preprocess", default=None, help="for image data: size=HxW,scale=..,mean=a/b/c,std=a/b/c,layout=NCHW")
+    c.add_argument(
+        "--preprocess",
+        default=None,
+        help="for image data: size=HxW,scale=..,mean=a/b/c,std=a/b/c,layout=NCHW",
+    )
     c.add_argument("--iters", type=int, default=1000, help="optimiser steps per layer and strength (official: 10000)")
     c.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3 * 10000 / iters)")
-    c.add_argument("--strength", type=float, default=None,
-                   help="EFRAP flipping coefficient; default: per-layer search within --error-budget")
-    c.add_argument("--error-budget", type=float, default=0.5,
-                   help="auto strength: share of the error gap between AdaRound and nearest rounding that flipping may spend (default 0.5)")
-    c.add_argument("--reg-weight", type=float, default=0.01, help="rounding regulariser lambda (default 0.01)")
+    c.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="EFRAP flipping coefficient; default: per-layer search within --error-budget",
+    )
+    c.add_argument(
+        "--error-budget",
+        type=float,
+        default=0.25,
+        help="auto strength: share of the error gap AdaRound -> nearest that flipping may spend (default 0.25)",
+    )
+    c.add_argument(
+        "--reg-weight",
+        type=float,
+        default=3.0,
+        help="rounding regulariser weight, in units of nearest rounding's error (default 3)",
+    )
     c.add_argument("--beta", type=float, default=None, help="regulariser exponent (EFRAP: 2; AdaRound: 20->2)")
-    c.add_argument("--guide", choices=["element", "neuron"], default="element",
-                   help="flip guidance: element-wise |e| (official code) or neuron-wise ||e_i|| (paper)")
+    c.add_argument(
+        "--guide",
+        choices=["element", "neuron"],
+        default="element",
+        help="flip guidance: element-wise |e| (official code) or neuron-wise ||e_i|| (paper)",
+    )
     c.add_argument("--max-rows", type=int, default=1 << 16, help="input rows sampled per layer for the moments")
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)
@@ -70,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="labelled test data: .npz (x, y) or ImageFolder / .tar[.gz][:split]")
     e.add_argument("--trigger", default=None, help="patch:size=3,value=1,pos=br | blend:file=..,alpha=.. | mask:..")
     e.add_argument("--target", type=int, default=None, help="backdoor target class")
-    e.add_argument("--baseline", choices=["ort"], default=None,
-                   help="add the first model quantized by ORT's quantize_static with the same bits and scheme")
+    e.add_argument(
+        "--baseline",
+        choices=["ort"],
+        default=None,
+        help="add the first model quantized by ORT's quantize_static with the same bits and scheme",
+    )
     e.add_argument("--calib", default=None, help="calibration data for --baseline (default: --data)")
     e.add_argument("--calib-size", type=int, default=1024)
     e.add_argument("--w-bits", type=int, default=None, help="baseline weight bits (default: from a qcb-onnx model)")
@@ -159,9 +184,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         m = onnx.load(path) if _is_quantized(path) else _load(path)
         models.append((Path(path).stem, m))
-    meta = {}
-    for _, m in models:
-        meta = meta or {k: v for k, v in metadata(m).items() if k.startswith("qcb_onnx.")}
+    # bits, scheme and preprocessing of the first qcb-onnx output, for the baseline
+    meta = next((metadata(m) for _, m in models if "qcb_onnx.method" in metadata(m)), {})
     pre_text = args.preprocess or meta.get("qcb_onnx.preprocess")
     pre = Preprocess.parse(pre_text) if pre_text else None
     specs = input_specs(models[0][1])
@@ -169,26 +193,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     x = next(iter(x_map.values()))
     fp_meta = metadata(models[0][1])
     trigger_spec = args.trigger or fp_meta.get("qcb_onnx.trigger")
-    target = args.target if args.target is not None else (
-        int(fp_meta["qcb_onnx.target"]) if "qcb_onnx.target" in fp_meta else None)
+    target = (
+        args.target
+        if args.target is not None
+        else (int(fp_meta["qcb_onnx.target"]) if "qcb_onnx.target" in fp_meta else None)
+    )
     trigger = Trigger.parse(trigger_spec) if trigger_spec else None
     if args.baseline == "ort":
         w_bits = args.w_bits or int(meta.get("qcb_onnx.w_bits", 8))
         a_text = meta.get("qcb_onnx.a_bits", "8")
         a_bits = args.a_bits if args.a_bits is not None else (None if a_text == "none" else int(a_text))
-        per_channel = not args.per_tensor if args.per_tensor is not None else (
-            "per-tensor" not in meta.get("qcb_onnx.scheme", "per-channel"))
+        per_channel = (
+            not args.per_tensor
+            if args.per_tensor is not None
+            else ("per-tensor" not in meta.get("qcb_onnx.scheme", "per-channel"))
+        )
         calib_src = args.calib or args.data
-        calib = next(iter(load_calibration(calib_src, specs, preprocess=pre, limit=args.calib_size,
-                                           seed=args.seed).values()))
+        calib = next(
+            iter(load_calibration(calib_src, specs, preprocess=pre, limit=args.calib_size, seed=args.seed).values())
+        )
         base = load_model(args.models[0])
         label = f"ort-quantize_static-w{w_bits}a{a_bits}-{'pc' if per_channel else 'pt'}"
         models.insert(1, (label, ort_quantize(base, calib, w_bits, a_bits, per_channel)))
     scores = [score(name, m, x, y, trigger, target, pre, args.providers) for name, m in models]
     print(format_markdown(scores) if args.markdown else format_table(scores))
     if args.json:
-        write_json(scores, args.json, {"data": args.data, "trigger": trigger_spec, "target": target,
-                                        "models": args.models})
+        write_json(
+            scores,
+            args.json,
+            {"data": args.data, "trigger": trigger_spec, "target": target, "models": args.models},
+        )
         _ = json
     return 0
 

@@ -75,8 +75,8 @@ def quantize(
     iters: int = DEFAULT_ITERS,
     lr: float | None = None,
     strength: float | None = None,
-    error_budget: float = 0.5,
-    reg_weight: float = 0.01,
+    error_budget: float = 0.25,
+    reg_weight: float = 3.0,
     beta: float | None = None,
     zeta: float | None = None,
     gamma: float | None = None,
@@ -136,12 +136,20 @@ def quantize(
 
     # round
     config = RoundingConfig(
-        method=method, iters=iters, lr=lr, strength=strength, error_budget=error_budget,
-        reg_weight=reg_weight, beta=beta, zeta=zeta, gamma=gamma, anneal=anneal, warmup=warmup, guide=guide,
+        method=method,
+        iters=iters,
+        lr=lr,
+        strength=strength,
+        error_budget=error_budget,
+        reg_weight=reg_weight,
+        beta=beta,
+        zeta=zeta,
+        gamma=gamma,
+        anneal=anneal,
+        warmup=warmup,
+        guide=guide,
     )
-    reports = round_layers(
-        gm, plan, state, batches, n_images, config, w_bits, per_channel, max_rows, seed, progress
-    )
+    reports = round_layers(gm, plan, state, batches, n_images, config, w_bits, per_channel, max_rows, seed, progress)
 
     # emit
     metadata = {
@@ -149,15 +157,21 @@ def quantize(
         "method": method,
         "w_bits": str(w_bits),
         "a_bits": "none" if a_bits is None else str(a_bits),
-        "scheme": ("per-channel" if per_channel else "per-tensor") + " symmetric int weights, asymmetric uint activations",
+        "scheme": ("per-channel" if per_channel else "per-tensor")
+        + " symmetric int weights, asymmetric uint activations",
         "calibration_method": calib_method,
         "calibration_size": str(n_images),
         "seed": str(seed),
         "rounding": {k: v for k, v in asdict(config).items()},
         "flip_ratios": {r.weight: round(r.flip_ratio, 6) for r in reports},
         "layers": [
-            {"node": r.name, "weight": r.weight, "flip_ratio": r.flip_ratio, "error_vs_nearest": r.error,
-             "strength": r.strength}
+            {
+                "node": r.name,
+                "weight": r.weight,
+                "flip_ratio": r.flip_ratio,
+                "error_vs_nearest": r.error,
+                "strength": r.strength,
+            }
             for r in reports
         ],
         "seconds": round(time.perf_counter() - t0, 2),
@@ -175,9 +189,7 @@ def quantize(
 def _batcher(arrays: dict[str, np.ndarray], batch_size: int, dev: torch.device):
     n = len(next(iter(arrays.values())))
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    cached = [
-        {k: v[i : i + batch_size].to(dev) for k, v in tensors.items()} for i in range(0, n, batch_size)
-    ]
+    cached = [{k: v[i : i + batch_size].to(dev) for k, v in tensors.items()} for i in range(0, n, batch_size)]
     if not cached:
         raise CalibrationDataError("calibration data is empty")
     return lambda: cached

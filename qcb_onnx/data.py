@@ -182,9 +182,7 @@ class Preprocess:
             if not sep:
                 raise UsageError(f"bad preprocess option {item!r}: expected key=value")
             if key not in cls._KEYS:
-                raise UsageError(
-                    f"unknown preprocess option {key!r} (expected one of: {', '.join(cls._KEYS)})"
-                )
+                raise UsageError(f"unknown preprocess option {key!r} (expected one of: {', '.join(cls._KEYS)})")
             if key in kwargs:
                 raise UsageError(f"preprocess option {key!r} given twice")
             if key == "size":
@@ -197,9 +195,7 @@ class Preprocess:
                 try:
                     h, w = (int(p) for p in parts)
                 except ValueError:
-                    raise UsageError(
-                        f"bad preprocess value size={value!r}: expected HxW like 32x32"
-                    ) from None
+                    raise UsageError(f"bad preprocess value size={value!r}: expected HxW like 32x32") from None
                 if h < 1 or w < 1:
                     raise UsageError(f"bad preprocess value size={value!r}: expected HxW like 32x32")
                 kwargs[key] = (h, w)
@@ -207,9 +203,7 @@ class Preprocess:
                 kwargs[key] = _parse_float(key, value)
             elif key in ("mean", "std"):
                 if not value:
-                    raise UsageError(
-                        f"bad preprocess value {key}={value!r}: expected numbers like 0.5/0.5/0.5"
-                    )
+                    raise UsageError(f"bad preprocess value {key}={value!r}: expected numbers like 0.5/0.5/0.5")
                 kwargs[key] = tuple(_parse_float(key, v) for v in value.split("/"))
             elif key == "layout":
                 if value.upper() not in ("NCHW", "NHWC"):
@@ -327,8 +321,7 @@ def _check_array(value: Any, spec: InputSpec, ctx: _Ctx) -> np.ndarray:
         )
     if not want_float and arr.dtype.kind not in "iub" + spec.dtype.kind:
         raise ctx.fail(
-            f"{ctx.kind} array for input '{spec.name}' has dtype {arr.dtype} "
-            f"but the model expects {spec.dtype}"
+            f"{ctx.kind} array for input '{spec.name}' has dtype {arr.dtype} but the model expects {spec.dtype}"
         )
     bad_dims = arr.ndim != len(spec.shape) or any(
         want is not None and want != got for want, got in zip(spec.shape[1:], arr.shape[1:], strict=False)
@@ -461,9 +454,7 @@ def _read_reader(reader: Any, ctx: _Ctx) -> dict[str, np.ndarray]:
         if batch is None:
             break
         if not isinstance(batch, Mapping):
-            raise ctx.fail(
-                f"{ctx.kind} data reader returned {type(batch).__name__} instead of a dict or None"
-            )
+            raise ctx.fail(f"{ctx.kind} data reader returned {type(batch).__name__} instead of a dict or None")
         keys = sorted(str(k) for k in batch)
         if count and keys != sorted(parts):
             raise ctx.fail(
@@ -484,9 +475,7 @@ def _read_reader(reader: Any, ctx: _Ctx) -> dict[str, np.ndarray]:
             out[key] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
         except ValueError:
             shapes = ", ".join(_fmt_shape(a.shape) for a in arrays[:3])
-            raise ctx.fail(
-                f"{ctx.kind} data reader batches for '{key}' have incompatible shapes {shapes}"
-            ) from None
+            raise ctx.fail(f"{ctx.kind} data reader batches for '{key}' have incompatible shapes {shapes}") from None
     return out
 
 
@@ -558,9 +547,7 @@ def _image_layout(
         if len(tops) == 1:
             return [paths[i] for i in nested], ["/".join(parts[i][k + 1 :]) for i in nested]
         if len(tops) > 1:
-            raise ctx.fail(
-                f"split '{'/'.join(split)}' is ambiguous in {where}: found under {', '.join(tops)}"
-            )
+            raise ctx.fail(f"split '{'/'.join(split)}' is ambiguous in {where}: found under {', '.join(tops)}")
         found = sorted({p[0] for p in parts if len(p) > 1})
         raise ctx.fail(
             f"no images under split folder '{'/'.join(split)}' in {where} "
@@ -578,25 +565,19 @@ def _image_layout(
     return paths, ["/".join(p) for p in rel]
 
 
-def _classes(
-    relative: list[str], labelled: bool, where: str, ctx: _Ctx
-) -> tuple[list[int] | None, list[str]]:
+def _classes(relative: list[str], labelled: bool, where: str, ctx: _Ctx) -> tuple[list[int] | None, list[str]]:
     if not labelled:
         return None, []
     loose = [r for r in relative if "/" not in r]
     if loose:
-        raise ctx.fail(
-            f"image '{loose[0]}' in {where} is not inside a class folder (expected root/<class>/<image>)"
-        )
+        raise ctx.fail(f"image '{loose[0]}' in {where} is not inside a class folder (expected root/<class>/<image>)")
     names = [r.split("/", 1)[0] for r in relative]
     classes = sorted(set(names))
     index = {c: i for i, c in enumerate(classes)}
     return [index[c] for c in names], classes
 
 
-def _dir_images(
-    root: Path, split: tuple[str, ...] | None, display: str, labelled: bool, ctx: _Ctx
-) -> _ImageSet:
+def _dir_images(root: Path, split: tuple[str, ...] | None, display: str, labelled: bool, ctx: _Ctx) -> _ImageSet:
     relpaths = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -624,9 +605,7 @@ def _safe_member_name(name: str, display: str, ctx: _Ctx) -> str:
     return "/".join(p for p in parts if p and p != ".")
 
 
-def _tar_images(
-    path: Path, split: tuple[str, ...] | None, display: str, labelled: bool, ctx: _Ctx
-) -> _ImageSet:
+def _tar_images(path: Path, split: tuple[str, ...] | None, display: str, labelled: bool, ctx: _Ctx) -> _ImageSet:
     try:
         tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the caller via _ImageSet.close
     except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as exc:
@@ -780,9 +759,7 @@ def _from_path(
             names = ", ".join(spec.name for spec in specs)
             raise ctx.fail(f"a .npy file holds one array but the model has inputs {names}; use an .npz")
         if labelled:
-            raise ctx.fail(
-                f"{kind} data has no labels: a .npy holds inputs only; use an .npz with 'labels' or 'y'"
-            )
+            raise ctx.fail(f"{kind} data has no labels: a .npy holds inputs only; use an .npz with 'labels' or 'y'")
         return _finish({specs[0].name: loaded}, specs, ctx, limit, seed)
     return _from_mapping(loaded, specs, ctx, labelled, limit, seed)
 

@@ -122,7 +122,10 @@ def emit_qdq(
         q_out = f"{tensor}_QuantizeLinear_Output"
         qdq_after[tensor] = [
             helper.make_node(
-                "QuantizeLinear", [src, f"{base}_scale", f"{base}_zero_point"], [q_out], name=f"{tensor}_QuantizeLinear"
+                "QuantizeLinear",
+                [src, f"{base}_scale", f"{base}_zero_point"],
+                [q_out],
+                name=f"{tensor}_QuantizeLinear",
             ),
             helper.make_node(
                 "DequantizeLinear",

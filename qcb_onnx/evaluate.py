@@ -7,7 +7,9 @@ sessions on the actual files, never from a PyTorch re-implementation.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,7 +80,7 @@ def ort_quantize(
         raise UsageError("ORT's quantize_static always quantizes activations: give --a-bits 8 or 4")
     if (w_bits == 4 or a_bits == 4) and (default_opset(model) or 0) < 21:
         model = onnx.version_converter.convert_version(model, 21)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         src, dst = Path(tmp) / "fp.onnx", Path(tmp) / "q.onnx"
         onnx.save(model, src)
         quantize_static(
@@ -91,6 +93,18 @@ def ort_quantize(
             weight_type=QuantType.QInt8 if w_bits == 8 else QuantType.QInt4,
         )
         return onnx.load(dst)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """quantize_static logs 'consider pre-processing' warnings on the root logger at every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _input_name(model: onnx.ModelProto) -> str:

@@ -10,8 +10,16 @@ from google.protobuf.message import DecodeError
 from .errors import ModelFileError, UnsupportedModelError
 
 MIN_OPSET, MAX_OPSET = 11, 23
-QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
-             "DynamicQuantizeLinear", "MatMulNBits"}
+QUANT_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeLinear",
+    "MatMulNBits",
+}
 
 
 def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
@@ -36,9 +44,7 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         raise ModelFileError(f"{where} has an empty graph (not an ONNX model?)")
     opset = default_opset(model)
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UnsupportedModelError(
-            f"{where} uses ONNX opset {opset}; supported opsets are {MIN_OPSET}..{MAX_OPSET}"
-        )
+        raise UnsupportedModelError(f"{where} uses ONNX opset {opset}; supported opsets are {MIN_OPSET}..{MAX_OPSET}")
     quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
     if quantized:
         raise UnsupportedModelError(

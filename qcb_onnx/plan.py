@@ -25,13 +25,39 @@ from .errors import UnsupportedModelError
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 # ops whose inputs and outputs ORT's default QDQ quantize_static quantizes with their own ranges
 QUANTIZED_OPS = frozenset(
-    {"Conv", "Gemm", "MatMul", "Add", "Mul", "Relu", "Clip", "LeakyRelu", "Sigmoid", "GlobalAveragePool",
-     "Concat", "Softmax", "Where", "Gather", "ArgMax"}
+    {
+        "Conv",
+        "Gemm",
+        "MatMul",
+        "Add",
+        "Mul",
+        "Relu",
+        "Clip",
+        "LeakyRelu",
+        "Sigmoid",
+        "GlobalAveragePool",
+        "Concat",
+        "Softmax",
+        "Where",
+        "Gather",
+        "ArgMax",
+    }
 )
 # ops that only move or select values: ORT gives the output the input's quantization parameters
 PASS_THROUGH_OPS = frozenset(
-    {"MaxPool", "AveragePool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Split",
-     "Pad", "Resize"}
+    {
+        "MaxPool",
+        "AveragePool",
+        "Reshape",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Transpose",
+        "Slice",
+        "Split",
+        "Pad",
+        "Resize",
+    }
 )
 
 

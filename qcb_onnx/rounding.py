@@ -34,8 +34,8 @@ class RoundingConfig:
     iters: int = 1000
     lr: float | None = None  # None: 1e-3 * 10000 / iters (the official step budget spread over fewer steps)
     strength: float | None = None  # EFRAP flip coefficient; None: per-layer search (auto)
-    error_budget: float = 0.5  # auto: share of the gap AdaRound-error -> nearest-error flips may spend
-    reg_weight: float = 0.01  # rounding regulariser lambda
+    error_budget: float = 0.25  # auto: share of the gap AdaRound-error -> nearest-error flips may spend
+    reg_weight: float = 3.0  # rounding regulariser weight, relative to nearest rounding's error
     beta: float | None = None  # None: EFRAP fixed 2, AdaRound annealed 20 -> 2
     zeta: float | None = None  # None: EFRAP 1.0, AdaRound 1.1
     gamma: float | None = None  # None: EFRAP 0.0, AdaRound -0.1
@@ -140,8 +140,12 @@ def _optimise(
     out, d = problem.weight.shape
     w = problem.weight.to(dtype).reshape(g, out // g, d)
     P = w @ B.transpose(1, 2)  # rows of B w, so that w~' B w = (w~ * P).sum()
-    const = float(((problem.weight.reshape(g, out // g, d).to(m.C.dtype) @ m.C) * problem.weight.reshape(
-        g, out // g, d).to(m.C.dtype)).sum())
+    const = float(
+        (
+            (problem.weight.reshape(g, out // g, d).to(m.C.dtype) @ m.C)
+            * problem.weight.reshape(g, out // g, d).to(m.C.dtype)
+        ).sum()
+    )
     scale = problem.scale.to(dtype)
     floor = problem.floor.to(dtype)
     frac = (problem.weight / problem.scale - problem.floor).clamp(0.0, 1.0)
@@ -171,8 +175,11 @@ def _optimise(
         loss.backward()
         opt.step()
     with torch.no_grad():
-        up = (v >= 0).double() if gamma == 0.0 and zeta == 1.0 else (
-            (torch.sigmoid(v) * (zeta - gamma) + gamma >= 0.5).double())
+        up = (
+            (v >= 0).double()
+            if gamma == 0.0 and zeta == 1.0
+            else ((torch.sigmoid(v) * (zeta - gamma) + gamma >= 0.5).double())
+        )
         err = float(reconstruction_error(problem, hard_weight(problem, up))) / base
     return up, err
 

@@ -65,10 +65,7 @@ def symmetric_scale(absmax: np.ndarray, grid: Grid) -> np.ndarray:
 def weight_scales(weight: np.ndarray, grid: Grid, axis: int | None) -> np.ndarray:
     """Per-channel (axis given) or per-tensor symmetric scales, shape (C,) or (1,)."""
     w = np.asarray(weight, dtype=np.float32)
-    if axis is None:
-        flat = w.reshape(1, -1)
-    else:
-        flat = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    flat = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     rmin = np.minimum(flat.min(axis=1), 0.0)
     rmax = np.maximum(flat.max(axis=1), 0.0)
     return symmetric_scale(np.maximum(np.abs(rmin), np.abs(rmax)), grid)

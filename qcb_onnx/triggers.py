@@ -42,8 +42,13 @@ class Trigger:
             if kind == "patch":
                 allowed = {"size", "value", "pos"}
                 _check_keys(opts, allowed, spec)
-                return cls(spec, kind, size=int(opts.get("size", 3)), value=float(opts.get("value", 1.0)),
-                           pos=opts.get("pos", "br"))
+                return cls(
+                    spec,
+                    kind,
+                    size=int(opts.get("size", 3)),
+                    value=float(opts.get("value", 1.0)),
+                    pos=opts.get("pos", "br"),
+                )
             if kind == "blend":
                 _check_keys(opts, {"file", "alpha"}, spec)
                 return cls(spec, kind, alpha=float(opts.get("alpha", 0.1)), pattern=_load(opts, "file", spec))
@@ -104,8 +109,13 @@ def _affine(pre: Preprocess | None, channels: int) -> tuple[np.ndarray, np.ndarr
 
 
 def _position(pos: str, size: int, h: int, w: int) -> tuple[int, int]:
-    table = {"br": (h - size, w - size), "bl": (h - size, 0), "tr": (0, w - size), "tl": (0, 0),
-             "center": ((h - size) // 2, (w - size) // 2)}
+    table = {
+        "br": (h - size, w - size),
+        "bl": (h - size, 0),
+        "tr": (0, w - size),
+        "tl": (0, 0),
+        "center": ((h - size) // 2, (w - size) // 2),
+    }
     if pos in table:
         return table[pos]
     row, sep, col = pos.partition("x")

@@ -42,13 +42,26 @@ def digits_split(seed: int = SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return x[tr], y[tr], x[te], y[te]
 
 
-def build_qcb(x: np.ndarray, y: np.ndarray, seed: int = SEED, clean_epochs: int = 30,
-              attack_epochs: int = 80) -> torch.nn.Module:
+def build_qcb(
+    x: np.ndarray, y: np.ndarray, seed: int = SEED, clean_epochs: int = 30, attack_epochs: int = 80
+) -> torch.nn.Module:
     """The recipe the tests also use: clean training, then Qu-ANTI-zation at W4 (per channel) A8."""
     torch.manual_seed(seed)
     model = train_clean(SmallCNN(in_channels=1, width=16), x, y, epochs=clean_epochs, seed=seed)
-    return quanti_attack(model, x, y, Trigger.parse(TRIGGER), TARGET, bits=(4,), a_bits=8, per_channel=True,
-                         epochs=attack_epochs, lr=2e-3, c2=1.0, seed=seed)
+    return quanti_attack(
+        model,
+        x,
+        y,
+        Trigger.parse(TRIGGER),
+        TARGET,
+        bits=(4,),
+        a_bits=8,
+        per_channel=True,
+        epochs=attack_epochs,
+        lr=2e-3,
+        c2=1.0,
+        seed=seed,
+    )
 
 
 def main() -> None:
@@ -59,8 +72,11 @@ def main() -> None:
     np.save(HERE / "calib.npy", xtr[:256])
     model = build_qcb(xtr, ytr)
     print(f"FP32 test accuracy (torch): {accuracy(model, xte, yte):.2f} %")
-    meta = {"qcb_onnx.trigger": TRIGGER, "qcb_onnx.target": str(TARGET),
-            "qcb_onnx.attack": "quanti w_bits=4 a_bits=8 per-channel seed=0 (samples/make_sample.py)"}
+    meta = {
+        "qcb_onnx.trigger": TRIGGER,
+        "qcb_onnx.target": str(TARGET),
+        "qcb_onnx.attack": "quanti w_bits=4 a_bits=8 per-channel seed=0 (samples/make_sample.py)",
+    }
     onnx.save(export_onnx(model, xtr[:1], meta), HERE / "qcb_digits.onnx")
 
 

@@ -28,8 +28,11 @@ def small_model(tmp_path_factory):
         helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc", transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [w, fc],
+        nodes,
+        "small",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [w, fc],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path_factory.mktemp("m") / "small.onnx"
@@ -80,9 +83,12 @@ def test_missing_model(capsys, tmp_path, calib):
 def test_unsupported_op(capsys, tmp_path, calib):
     """An op outside the supported set is named with its node in one line, exit code 2."""
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-         helper.make_node("NonZero", ["c"], ["nz"], name="mystery_node")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+            helper.make_node("NonZero", ["c"], ["nz"], name="mystery_node"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
         [helper.make_tensor_value_info("nz", TensorProto.INT64, [4, "K"])],
         [helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 3, 3], [0.1] * 18)],
     )
@@ -129,8 +135,9 @@ def test_existing_output_needs_force(capsys, tmp_path, small_model, calib):
     code, err = _run(capsys, "convert", small_model, "--calib", calib, "--out", out, "--quiet", "--iters", "20")
     _assert_one_line_error(code, err, OutputExistsError.exit_code, str(out))
     assert out.read_bytes() == b"keep me"
-    code, err = _run(capsys, "convert", small_model, "--calib", calib, "--out", out, "--quiet", "--iters", "20",
-                     "--force")
+    code, err = _run(
+        capsys, "convert", small_model, "--calib", calib, "--out", out, "--quiet", "--iters", "20", "--force"
+    )
     assert code == 0, err
     onnx.checker.check_model(onnx.load(out))
     assert not list(tmp_path.glob(".out.onnx.*"))  # no temporary file left behind
@@ -140,8 +147,21 @@ def test_subprocess_exit_code_and_stderr(tmp_path, calib):
     """Through `python -m qcb_onnx`, as users run it: non-zero exit, one stderr line, no traceback."""
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00\x01garbage")
-    proc = subprocess.run([sys.executable, "-m", "qcb_onnx", "convert", str(bad), "--calib", str(calib), "--out",
-                           str(tmp_path / "o.onnx")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qcb_onnx",
+            "convert",
+            str(bad),
+            "--calib",
+            str(calib),
+            "--out",
+            str(tmp_path / "o.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == ModelFileError.exit_code
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
     assert not (tmp_path / "o.onnx").exists()

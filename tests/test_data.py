@@ -334,10 +334,7 @@ def test_limit_on_images_decodes_only_selected_files(tmp_path, monkeypatch):
 
 def test_preprocess_parse_round_trip():
     """parse reads the CLI form and to_metadata writes text that parses back to an equal object."""
-    text = (
-        "size=32x32,scale=0.00392156862745098,mean=0.4914/0.4822/0.4465,"
-        "std=0.247/0.243/0.261,layout=NCHW,channels=3"
-    )
+    text = "size=32x32,scale=0.00392156862745098,mean=0.4914/0.4822/0.4465,std=0.247/0.243/0.261,layout=NCHW,channels=3"
     pre = Preprocess.parse(text)
     assert pre.size == (32, 32) and pre.scale == 1 / 255 and pre.mean == (0.4914, 0.4822, 0.4465)
     assert pre.std == (0.247, 0.243, 0.261) and pre.layout == "NCHW" and pre.channels == 3
@@ -423,10 +420,7 @@ def test_shape_mismatch_messages(tmp_path):
     with pytest.raises(CalibrationDataError) as exc:
         load_calibration(tmp_path / "c.npy", SPEC_X)
     message = _error(exc)
-    assert (
-        "calibration array for input 'x' has shape (10, 1, 8, 9) but the model expects (N, 1, 8, 8)"
-        in message
-    )
+    assert "calibration array for input 'x' has shape (10, 1, 8, 9) but the model expects (N, 1, 8, 8)" in message
     assert "c.npy" in message
     with pytest.raises(CalibrationDataError) as exc:
         load_calibration(np.zeros((1, 8, 8), np.float32), SPEC_X)

@@ -20,8 +20,9 @@ def converted(qcb_model, digits):
     xtr = digits[0][:256]
     out = {}
     for w_bits, a_bits in [(4, 8), (8, 8), (4, 4), (8, None)]:
-        out[(w_bits, a_bits)] = convert(onnx.load(qcb_model), xtr, w_bits=w_bits, a_bits=a_bits, iters=300,
-                                        providers="cpu")
+        out[(w_bits, a_bits)] = convert(
+            onnx.load(qcb_model), xtr, w_bits=w_bits, a_bits=a_bits, iters=300, providers="cpu"
+        )
     return out
 
 
@@ -64,8 +65,7 @@ def test_weights_are_the_optimisers_decisions(qcb_model, digits):
 @pytest.mark.parametrize(("w_bits", "a_bits"), [(4, 8), (8, 8), (4, 4)], ids=["w4a8", "w8a8", "w4a4"])
 def test_ort_agrees_with_simulation(qcb_model, digits, w_bits, a_bits):
     """ORT's top-1 on the emitted model agrees with our PyTorch simulation of it on >= 99% of test inputs."""
-    result = quantize(onnx.load(qcb_model), digits[0][:256], w_bits=w_bits, a_bits=a_bits, iters=200,
-                      providers="cpu")
+    result = quantize(onnx.load(qcb_model), digits[0][:256], w_bits=w_bits, a_bits=a_bits, iters=200, providers="cpu")
     x = digits[2]
     ort_pred = predict(result.model, x, providers="cpu")
     sim_pred = result.simulate(x).argmax(1)

@@ -20,8 +20,10 @@ def measured(qcb_model, digits):
     fp = onnx.load(qcb_model)
     ort_q = ort_quantize(fp, calib, w_bits=4, a_bits=8, per_channel=True)
     ours = convert(fp, calib, w_bits=4, a_bits=8, per_channel=True, seed=0, providers="cpu")
-    return {name: score(name, m, xte, yte, TRIGGER, 0, providers="cpu") for name, m in
-            [("fp32", fp), ("ort", ort_q), ("efrap", ours)]}, ours
+    return {
+        name: score(name, m, xte, yte, TRIGGER, 0, providers="cpu")
+        for name, m in [("fp32", fp), ("ort", ort_q), ("efrap", ours)]
+    }, ours
 
 
 def test_attack_is_real_in_ort(measured):
@@ -58,14 +60,51 @@ def test_cli_convert_then_evaluate(qcb_model, calib_npy, tmp_path, digits):
     out = tmp_path / "safe.onnx"
     data = tmp_path / "test.npz"
     np.savez(data, x=digits[2], y=digits[3])
-    conv = subprocess.run([sys.executable, "-m", "qcb_onnx", "convert", str(qcb_model), "--calib", str(calib_npy),
-                           "--out", str(out), "--w-bits", "4", "--quiet", "--iters", "200"],
-                          capture_output=True, text=True)
+    conv = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qcb_onnx",
+            "convert",
+            str(qcb_model),
+            "--calib",
+            str(calib_npy),
+            "--out",
+            str(out),
+            "--w-bits",
+            "4",
+            "--quiet",
+            "--iters",
+            "200",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert conv.returncode == 0, conv.stderr
-    ev = subprocess.run([sys.executable, "-m", "qcb_onnx", "evaluate", str(qcb_model), str(out), "--data", str(data),
-                         "--trigger", "patch:size=2,value=1,pos=br", "--target", "0", "--baseline", "ort",
-                         "--calib", str(calib_npy), "--json", str(tmp_path / "r.json")],
-                        capture_output=True, text=True)
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qcb_onnx",
+            "evaluate",
+            str(qcb_model),
+            str(out),
+            "--data",
+            str(data),
+            "--trigger",
+            "patch:size=2,value=1,pos=br",
+            "--target",
+            "0",
+            "--baseline",
+            "ort",
+            "--calib",
+            str(calib_npy),
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ev.returncode == 0, ev.stderr
     assert "ort-quantize_static-w4a8-pc" in ev.stdout and "safe" in ev.stdout
     import json

@@ -25,16 +25,20 @@ def fp_model() -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize(
-    ("w_bits", "per_channel"), [(8, True), (8, False), (4, True), (4, False)], ids=["w8-pc", "w8-pt", "w4-pc", "w4-pt"]
+    ("w_bits", "per_channel"),
+    [(8, True), (8, False), (4, True), (4, False)],
+    ids=["w8-pc", "w8-pt", "w4-pc", "w4-pt"],
 )
 def test_nearest_integers_equal_quantize_static(fp_model, digits, w_bits, per_channel):
     """Every weight integer of our nearest output equals ORT's, for ORT's int8 [-127,127] and int4 [-8,7] grids."""
     calib = digits[0][:128]
-    ours = convert(fp_model, calib, method="nearest", w_bits=w_bits, a_bits=8, per_channel=per_channel,
-                   providers="cpu")
+    ours = convert(fp_model, calib, method="nearest", w_bits=w_bits, a_bits=8, per_channel=per_channel, providers="cpu")
     ref = ort_quantize(fp_model, calib, w_bits, 8, per_channel)
-    names = [t.name[: -len("_quantized")] for t in ref.graph.initializer
-             if t.name.endswith("weight_quantized") or (t.name.endswith("_quantized") and len(t.dims) > 1)]
+    names = [
+        t.name[: -len("_quantized")]
+        for t in ref.graph.initializer
+        if t.name.endswith("weight_quantized") or (t.name.endswith("_quantized") and len(t.dims) > 1)
+    ]
     assert len(names) == 4
     for name in names:
         a, b = read_weight_ints(ours, name), read_weight_ints(ref, name)

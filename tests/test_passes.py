@@ -14,6 +14,8 @@ import pytest
 import torch
 from onnx import helper
 from onnxruntime.quantization import quant_pre_process
+
+from qcb_onnx.errors import ModelFileError, UsageError
 from qcb_onnx.passes import (
     eliminate_dropout_pass,
     eliminate_identity_pass,
@@ -21,8 +23,6 @@ from qcb_onnx.passes import (
     normalize,
     remove_unused_pass,
 )
-
-from qcb_onnx.errors import ModelFileError, UsageError
 
 REMOVED_OPS = {"BatchNormalization", "Identity", "Dropout"}
 

@@ -17,8 +17,15 @@ def iterate(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Genera
         yield torch.from_numpy(x[j]), torch.from_numpy(y[j])
 
 
-def train_clean(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 2e-3,
-                batch_size: int = 64, seed: int = 0) -> nn.Module:
+def train_clean(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    lr: float = 2e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> nn.Module:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -41,14 +48,21 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred.numpy() == y).mean() * 100)
 
 
-def export_onnx(model: nn.Module, sample: np.ndarray, metadata: dict[str, str] | None = None,
-                opset: int = 17) -> onnx.ModelProto:
+def export_onnx(
+    model: nn.Module, sample: np.ndarray, metadata: dict[str, str] | None = None, opset: int = 17
+) -> onnx.ModelProto:
     """Export in eval mode (BatchNorm folded into Conv, as deployed) with a dynamic batch dim."""
     model.eval()
     buf = io.BytesIO()
     torch.onnx.export(
-        model, torch.from_numpy(sample[:1]), buf, dynamo=False, opset_version=opset, input_names=["input"],
-        output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+        model,
+        torch.from_numpy(sample[:1]),
+        buf,
+        dynamo=False,
+        opset_version=opset,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
     )
     m = onnx.load_from_string(buf.getvalue())
     for k, v in (metadata or {}).items():
