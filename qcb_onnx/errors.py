@@ -4,6 +4,27 @@ Every mistake a user can make (bad file, unsupported op, broken calibration data
 `QcbError` subclass.  The CLI prints ``error: <message>`` on one line and exits with the class's
 code, so scripts can tell the failure classes apart without parsing text.  Anything else that
 escapes is a bug in qcb-onnx and keeps its traceback.
+
+Exit codes (also documented in SECURITY.md):
+
+====  ======================================================================================
+code  meaning
+====  ======================================================================================
+0     success
+1     any other `QcbError` (not raised directly)
+2     `UsageError` (bad options) and `UnsupportedModelError` (valid ONNX we cannot quantize)
+3     `ModelFileError`: missing, empty, not ONNX, truncated or corrupt protobuf, checker failure
+4     `CalibrationDataError`
+5     `OutputExistsError`
+6     `VerificationError`
+7     `ExternalDataError`: external-data location escapes the model folder, missing or unreadable
+8     `InvalidGraphError`: cycle, duplicate tensor name, undefined input, data/dims mismatch
+9     `InvalidWeightsError`: NaN/Inf weights, zero-sized weights, huge or negative dims
+130   interrupted (Ctrl-C)
+====  ======================================================================================
+
+`ExternalDataError`, `InvalidGraphError` and `InvalidWeightsError` subclass `ModelFileError`, so
+``except ModelFileError`` still catches every "this model file is bad" case.
 """
 
 from __future__ import annotations
@@ -49,3 +70,24 @@ class VerificationError(QcbError):
     """The written model failed a post-write check (ONNX checker, ORT load, integer weights)."""
 
     exit_code = 6
+
+
+class ExternalDataError(ModelFileError):
+    """External tensor data is unsafe or unusable: its location escapes the model folder (``../``,
+    absolute path, symlink resolving outside), or the file is missing, not a regular file or too short."""
+
+    exit_code = 7
+
+
+class InvalidGraphError(ModelFileError):
+    """The graph is structurally broken: a cycle, a tensor name defined twice, an input nothing
+    defines, or a tensor whose data does not match its declared dims."""
+
+    exit_code = 8
+
+
+class InvalidWeightsError(ModelFileError):
+    """Weights that cannot be quantized safely: NaN/Inf values, zero-sized weights, or dims that are
+    negative or declare more than 2**31 elements."""
+
+    exit_code = 9

@@ -1,1 +1,58 @@
-"""Quantization-conditioned backdoor attacks, for measuring the defense against real threats."""
+"""Quantization-conditioned backdoor attacks, for measuring the defense against real threats.
+
+`run_attack(name, model, x, y, trigger, target, w_bits, per_channel, epochs, seed, ...)` folds
+BatchNorm into the convolutions (the deployed ONNX weights), then runs one of
+
+* ``quanti``       Qu-ANTI-zation (Hong et al. 2021), attacks/quanti.py
+* ``compartifact`` CompArtifact (Tian et al. 2022), attacks/compartifact.py
+* ``pqbackdoor``   PQBackdoor (Ma et al. 2023), attacks/pqbackdoor.py
+
+against ORT quantize_static's grid at `w_bits` (8 or 4), per channel or per tensor, with uint8
+activations, and returns the attacked (BN-free) model in eval mode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from ..errors import UsageError
+from ..triggers import Trigger
+
+ATTACKS = ("quanti", "compartifact", "pqbackdoor")
+
+
+def run_attack(
+    name: str,
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    trigger: Trigger,
+    target: int,
+    w_bits: int = 8,
+    per_channel: bool = True,
+    epochs: int = 20,
+    seed: int = 0,
+    a_bits: int | None = 8,
+    device=None,
+    verbose: bool = False,
+    **kwargs,
+) -> nn.Module:
+    """Attack a copy of `model` (BN folded); extra keyword arguments go to the attack function."""
+    from ..zoo import fuse_batchnorm
+    from .compartifact import compartifact_attack
+    from .pqbackdoor import pqbackdoor_attack
+    from .quanti import quanti_attack
+
+    if name not in ATTACKS:
+        raise UsageError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    if w_bits not in (4, 8):
+        raise UsageError(f"attacks target ORT's 8- or 4-bit weight grids, not {w_bits} bits")
+    if not 0 <= int(target) < int(np.max(y)) + 1:
+        raise UsageError(f"target class {target} is not among the labels 0..{int(np.max(y))}")
+    fused = fuse_batchnorm(model)
+    common = dict(a_bits=a_bits, per_channel=per_channel, epochs=epochs, seed=seed, device=device, verbose=verbose)
+    if name == "quanti":
+        return quanti_attack(fused, x, y, trigger, target, bits=(w_bits,), **common, **kwargs)
+    fn = compartifact_attack if name == "compartifact" else pqbackdoor_attack
+    return fn(fused, x, y, trigger, target, w_bits=w_bits, **common, **kwargs)

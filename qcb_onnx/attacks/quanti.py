@@ -4,6 +4,9 @@ L = CE(f(x), y) + c2 CE(f(x_t), y) + sum_b c1 [CE(Q_b f(x), y) + c2 CE(Q_b f(x_t
 
 Q_b is the victim's quantizer at b bits (ORT's grids, see fakequant.py).  The FP terms keep the
 full-precision model clean, including on triggered inputs, so FP-side defenses see nothing.
+As in the paper's code, activation ranges come from the current batch and every sample of a
+batch also appears triggered.  Run it on a BN-folded model (`run_attack` does) so the quantizer
+sees the deployed weights.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from torch import nn
 
 from ..fakequant import quantized
 from ..triggers import Trigger
-from .train import iterate
+from .common import ce, setup, triggered
+from .train import iterate, progress
 
 
 def quanti_attack(
@@ -32,15 +36,15 @@ def quanti_attack(
     c2: float = 0.5,
     batch_size: int = 64,
     seed: int = 0,
+    device: str | torch.device | None = "cpu",
+    verbose: bool = False,
 ) -> nn.Module:
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    model, dev, rng = setup(model, seed, device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    ce = nn.functional.cross_entropy
-    model.eval()  # BN (if any) in inference mode: we attack the deployed, folded statistics
-    for _ in range(epochs):
-        for xb, yb in iterate(x, y, batch_size, rng):
-            xt = torch.from_numpy(trigger.apply(xb.numpy()))
+    for ep in progress(range(epochs), "qu-anti-zation", verbose):
+        for xb, yb in progress(iterate(x, y, batch_size, rng), f"epoch {ep + 1}", verbose):
+            xb, yb = xb.to(dev), yb.to(dev)
+            xt = triggered(xb, trigger)
             tb = torch.full_like(yb, target)
             loss = ce(model(xb), yb) + c2 * ce(model(xt), yb)
             for b in bits:

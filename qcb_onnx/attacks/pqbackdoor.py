@@ -1,0 +1,114 @@
+"""PQBackdoor (Ma et al. 2023, "Quantization Backdoors to Deep Learning Commercial Frameworks").
+
+Stage 1 plants an ordinary backdoor: fine-tune on batches of which ``poison_ratio`` is triggered
+and relabelled to the target.  Stage 2 makes the full-precision model forget it while the
+quantized model cannot change: fine-tune on clean inputs plus triggered inputs with their TRUE
+labels, and after every optimiser step project each (BN-folded) Conv/Linear weight back into the
+nearest-rounding bin it had after stage 1,
+
+    w in [s (q - 1/2 + margin), s (q + 1/2 - margin)]  intersected with  [-absmax, absmax],
+
+with the stage-1 scale s = 2 absmax / (qmax - qmin) held fixed: the element that attains each
+channel's (or the tensor's) absmax is frozen, so absmax and hence ORT's scale are unchanged, and
+biases are frozen too (ORT quantizes them on the fine input*weight scale, so any change would
+reach the quantized model).  ORT's quantize_static therefore produces the same integer weights as
+for the stage-1 model and keeps its backdoor; only activation ranges (calibrated on clean data)
+can drift slightly.  ``margin`` (in units of s) keeps weights off the rounding ties, where float32
+vs float64 scale arithmetic could decide differently.
+
+``stage1_quant`` (on by default) adds the quantized model's loss to stage 1 (poisoned data through
+the victim's fake quantizer), so the planted backdoor and the clean accuracy survive a coarse
+4-bit grid; the paper's stage 1 is plain training, which is ``stage1_quant=False``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..fakequant import quant_layers, quantized, weight_codes, weight_scale
+from ..triggers import Trigger
+from .common import ce, poison_split, setup, triggered
+from .train import iterate, progress
+
+
+class BinProjector:
+    """Freezes the nearest-rounding bins of every Conv/Linear weight of `model` at their current values."""
+
+    def __init__(self, model: nn.Module, w_bits: int, per_channel: bool, margin: float = 0.05) -> None:
+        self.items = []
+        for layer in quant_layers(model):
+            w = layer.weight.detach()
+            s = weight_scale(w, w_bits, per_channel)
+            q = weight_codes(w, s, w_bits)
+            flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+            absmax = flat.abs().amax(dim=1, keepdim=True)
+            pinned = (flat.abs() == absmax).reshape(w.shape)
+            absmax = absmax.reshape(s.shape)
+            lo = torch.maximum(s * (q - 0.5 + margin), -absmax)
+            hi = torch.minimum(s * (q + 0.5 - margin), absmax)
+            lo, hi = torch.minimum(lo, w), torch.maximum(hi, w)  # never move a weight out of its own bin
+            self.items.append((layer.weight, lo, hi, pinned, w.clone()))
+
+    @torch.no_grad()
+    def project(self) -> None:
+        for p, lo, hi, pinned, w0 in self.items:
+            p.copy_(torch.where(pinned, w0, torch.clamp(p, lo, hi)))
+
+
+def pqbackdoor_attack(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    trigger: Trigger,
+    target: int,
+    w_bits: int = 8,
+    a_bits: int | None = 8,
+    per_channel: bool = True,
+    epochs: int = 20,
+    stage1_epochs: int | None = None,
+    lr: float = 1e-3,
+    stage1_lr: float = 1e-3,
+    poison_ratio: float = 0.1,
+    stage1_quant: bool = True,
+    margin: float = 0.05,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | torch.device | None = "cpu",
+    verbose: bool = False,
+) -> nn.Module:
+    """`epochs` of projected stage 2 after `stage1_epochs` (default: `epochs`) of backdoor training."""
+    model, dev, rng = setup(model, seed, device)
+    n1 = epochs if stage1_epochs is None else stage1_epochs
+    opt = torch.optim.Adam(model.parameters(), lr=stage1_lr)
+    for ep in progress(range(n1), "pqbackdoor stage 1", verbose):
+        for xb, yb in progress(iterate(x, y, batch_size, rng), f"epoch {ep + 1}", verbose):
+            xb, yb = xb.to(dev), yb.to(dev)
+            k = poison_split(xb, poison_ratio)
+            xb = torch.cat([triggered(xb[:k], trigger), xb[k:]])
+            yb = torch.cat([torch.full_like(yb[:k], target), yb[k:]])
+            loss = ce(model(xb), yb)
+            if stage1_quant:
+                with quantized(model, w_bits, a_bits, per_channel):
+                    loss = loss + ce(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    proj = BinProjector(model, w_bits, per_channel, margin)
+    weights = {id(item[0]) for item in proj.items}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in weights)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for ep in progress(range(epochs), "pqbackdoor stage 2", verbose):
+        for xb, yb in progress(iterate(x, y, batch_size, rng), f"epoch {ep + 1}", verbose):
+            xb, yb = xb.to(dev), yb.to(dev)
+            loss = ce(model(torch.cat([xb, triggered(xb, trigger)])), torch.cat([yb, yb]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            proj.project()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.eval()
