@@ -52,17 +52,29 @@ def main() -> None:
             q = convert(fp, calib, w_bits=4, iters=iters, seed=0, providers="cpu")
             secs = time.perf_counter() - t0
             s = score("efrap", q, te["x"], te["y"], trigger, 0, providers="cpu")
-            rows.append({"seed": seed, "iters": iters, "seconds": round(secs, 2), "fp32_cda": base["fp32"].cda,
-                         "fp32_asr": base["fp32"].asr, "ort_cda": base["ort"].cda, "ort_asr": base["ort"].asr,
-                         "efrap_cda": s.cda, "efrap_asr": s.asr})
+            rows.append(
+                {
+                    "seed": seed,
+                    "iters": iters,
+                    "seconds": round(secs, 2),
+                    "fp32_cda": base["fp32"].cda,
+                    "fp32_asr": base["fp32"].asr,
+                    "ort_cda": base["ort"].cda,
+                    "ort_asr": base["ort"].asr,
+                    "efrap_cda": s.cda,
+                    "efrap_asr": s.asr,
+                }
+            )
             print(rows[-1], flush=True)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "iters_sweep.json").write_text(json.dumps(rows, indent=1))
     print("| seed | iters | s | FP32 CDA/ASR | ORT CDA/ASR | EFRAP CDA/ASR |\n|---|---:|---:|---|---|---|")
     for r in rows:
-        print(f"| {r['seed']} | {r['iters']} | {r['seconds']} | {r['fp32_cda']:.1f}/{r['fp32_asr']:.1f} | "
-              f"{r['ort_cda']:.1f}/{r['ort_asr']:.1f} | {r['efrap_cda']:.1f}/{r['efrap_asr']:.1f} |")
+        print(
+            f"| {r['seed']} | {r['iters']} | {r['seconds']} | {r['fp32_cda']:.1f}/{r['fp32_asr']:.1f} | "
+            f"{r['ort_cda']:.1f}/{r['ort_asr']:.1f} | {r['efrap_cda']:.1f}/{r['efrap_asr']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

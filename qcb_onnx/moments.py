@@ -1,12 +1,15 @@
-"""Second moments of a layer's inputs, the sufficient statistics of the reconstruction loss.
+"""Sufficient statistics of the reconstruction loss, accumulated once per layer.
 
-For a linear layer y = W x, the activation-preservation loss E||W~ x~ - W x||^2 (x~ the input from
-the already-quantized prefix, x the FP input) expands to
-    sum_i  w~_i' A w~_i - 2 w~_i' B w_i + w_i' C w_i,   A = E[x~ x~'], B = E[x~ x'], C = E[x x'],
-so once A, B, C are accumulated over the calibration set every optimiser step costs
-O(out * in^2), independent of the number of images.  Conv inputs become im2col patches; for grouped
-convs each group has its own moments.  Spatial positions are subsampled (seeded) so that the work
-per layer is bounded.
+For a linear layer y = W x, the activation-preservation loss (x~ the input from the already
+quantized prefix, x the FP input, D = W~ - W the rounding perturbation) is
+
+    E||W~ x~ - W x||^2 = E||D x~ + W (x~ - x)||^2 = sum_i D_i A D_i' + 2 <D, Q> + c
+    A = E[x~ x~'],   Q_i = E[x~ r_i],   c = E||r||^2,   r = W (x~ - x),
+
+so once A, Q and c are accumulated over the calibration set every optimiser step costs
+O(out * in^2) (less with `rounding.Objective`'s low-rank A), independent of the number of images.
+Conv inputs become im2col patches; grouped convs have one A per group.  Patch positions are
+subsampled (seeded) so the work per layer is bounded.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from .plan import Layer
 @dataclass
 class Moments:
     A: torch.Tensor  # (groups, d, d) float64, E[x~ x~']
-    B: torch.Tensor  # (groups, d, d) float64, E[x~ x']
-    C: torch.Tensor  # (groups, d, d) float64, E[x x']
+    Q: torch.Tensor  # (groups, out/groups, d) float64, E[x~ r'] with r = W (x~ - x)
+    const: float  # E||W (x~ - x)||^2
     rows: int
 
 
@@ -77,6 +80,7 @@ def collect_moments(
     gm: GraphModule,
     layer: Layer,
     weight_shape: tuple[int, ...],
+    weight: torch.Tensor,
     batches: Iterable[Mapping[str, torch.Tensor]],
     quant_params: Mapping[str, torch.Tensor],
     quant_hook,
@@ -84,28 +88,34 @@ def collect_moments(
     n_images: int,
     seed: int,
 ) -> Moments:
-    """Run the FP model and the quantized-prefix model up to the layer and accumulate A, B, C."""
+    """Run the FP model and the quantized-prefix model up to the layer and accumulate A, Q, c.
+
+    `weight` is the canonical (out, d) FP weight (rows grouped by conv group)."""
     node = gm.nodes[layer.index]
     gen = torch.Generator().manual_seed(seed + layer.index)
-    A = B = C = None
+    g = layer.groups
+    w = weight.double().reshape(g, weight.shape[0] // g, -1)  # (g, o, d)
+    A = Q = None
+    const = 0.0
     rows_total = 0
     for feeds in batches:
         with torch.no_grad():
             x_fp = gm.run(feeds, outputs=[layer.input])[layer.input]
             x_q = gm.run(feeds, params=quant_params, on_tensor=quant_hook, outputs=[layer.input])[layer.input]
-        r_fp = layer_rows(node, weight_shape, x_fp).double()
-        r_q = layer_rows(node, weight_shape, x_q).double()
+        r_fp = layer_rows(node, weight_shape, x_fp)
+        r_q = layer_rows(node, weight_shape, x_q)
         batch_n = x_fp.shape[0] if x_fp.dim() > 1 else 1
         keep = max(1, int(max_rows * batch_n / max(n_images, 1)))
         if r_fp.shape[0] > keep:
-            idx = torch.randperm(r_fp.shape[0], generator=gen)[:keep]
+            idx = torch.randperm(r_fp.shape[0], generator=gen)[:keep].to(r_fp.device)
             r_fp, r_q = r_fp[idx], r_q[idx]
-        g = layer.groups
         d = r_fp.shape[1] // g
-        rq = r_q.reshape(-1, g, d).transpose(0, 1)  # (g, rows, d)
-        rf = r_fp.reshape(-1, g, d).transpose(0, 1)
-        a, b, c = rq.transpose(1, 2) @ rq, rq.transpose(1, 2) @ rf, rf.transpose(1, 2) @ rf
-        A, B, C = (a, b, c) if A is None else (A + a, B + b, C + c)
+        xq = r_q.double().reshape(-1, g, d).transpose(0, 1)  # (g, rows, d)
+        diff = xq - r_fp.double().reshape(-1, g, d).transpose(0, 1)
+        r = diff @ w.transpose(1, 2)  # (g, rows, o): W (x~ - x)
+        a, q = xq.transpose(1, 2) @ xq, r.transpose(1, 2) @ xq
+        A, Q = (a, q) if A is None else (A + a, Q + q)
+        const += float(r.pow(2).sum())
         rows_total += r_fp.shape[0]
     n = max(rows_total, 1)
-    return Moments(A / n, B / n, C / n, rows_total)
+    return Moments(A / n, Q / n, const / n, rows_total)

@@ -75,15 +75,11 @@ class LayerResult:
 
 
 def reconstruction_error(problem: LayerProblem, w_q: torch.Tensor) -> torch.Tensor:
-    """E||W~ x~ - W x||^2 from the moments (summed over output channels)."""
+    """E||W~ x~ - W x||^2 from the moments (summed over output channels), exact."""
     m = problem.moments
     g = problem.groups
-    wq = w_q.reshape(g, -1, w_q.shape[-1]).to(m.A.dtype)
-    w = problem.weight.reshape(g, -1, w_q.shape[-1]).to(m.A.dtype)
-    t1 = ((wq @ m.A) * wq).sum()
-    t2 = ((wq @ m.B) * w).sum()
-    t3 = ((w @ m.C) * w).sum()
-    return t1 - 2 * t2 + t3
+    delta = (w_q - problem.weight).reshape(g, -1, w_q.shape[-1]).to(m.A.dtype)
+    return ((delta @ m.A) * delta).sum() + 2 * (delta * m.Q).sum() + m.const
 
 
 def hard_weight(problem: LayerProblem, up: torch.Tensor) -> torch.Tensor:
@@ -97,21 +93,22 @@ def solve(problem: LayerProblem, config: RoundingConfig, seed: int = 0) -> Layer
         return LayerResult(nearest.to(torch.uint8).numpy(), 0.0, 1.0, 0.0)
     base = float(reconstruction_error(problem, hard_weight(problem, nearest)))
     base = max(base, 1e-30)
+    objective = Objective.build(problem)
     if config.method == "adaround":
-        up, err = _optimise(problem, config, 0.0, base, seed)
+        up, err = _optimise(problem, config, 0.0, base, seed, objective)
         return _result(problem, up, err, 0.0)
     if config.strength is not None:
-        up, err = _optimise(problem, config, config.strength, base, seed)
+        up, err = _optimise(problem, config, config.strength, base, seed, objective)
         return _result(problem, up, err, config.strength)
     # auto: the best reconstruction AdaRound finds (E0) anchors the budget between it and nearest (1.0)
     ada = replace(config, method="adaround", strength=0.0, beta=None, zeta=None, gamma=None)
-    up0, err0 = _optimise(problem, ada, 0.0, base, seed)
+    up0, err0 = _optimise(problem, ada, 0.0, base, seed, objective)
     budget = min(err0, 1.0) + config.error_budget * max(1.0 - err0, 0.0)
     best = (up0, err0, 0.0)
     lo, hi = 0, len(STRENGTH_GRID) - 1  # STRENGTH_GRID is descending: binary search for the strongest pull
     while lo <= hi:
         mid = (lo + hi) // 2
-        up, err = _optimise(problem, config, STRENGTH_GRID[mid], base, seed)
+        up, err = _optimise(problem, config, STRENGTH_GRID[mid], base, seed, objective)
         if err <= budget:
             best = (up, err, STRENGTH_GRID[mid])
             hi = mid - 1
@@ -127,25 +124,51 @@ def _result(problem: LayerProblem, up: torch.Tensor, err: float, strength: float
     return LayerResult(up.to(torch.uint8).numpy(), flips, err, strength)
 
 
+@dataclass
+class Objective:
+    """The reconstruction error as a function of the rounding perturbation D = W~ - W (see moments.py):
+
+        E||W~ x~ - W x||^2 = ||D L||^2 + 2 <D, Q> + c,   L L' ~ A
+
+    L keeps the leading eigen-directions of A holding all but `tol` of its trace, so a step costs
+    O(out * in * rank) instead of O(out * in^2); the perturbation is small and spread over all
+    directions, so the relative error of the truncation is about `tol`."""
+
+    L: torch.Tensor  # (g, d, k)
+    Q: torch.Tensor  # (g, out/g, d)
+    const: float
+
+    @classmethod
+    def build(cls, problem: LayerProblem, tol: float = 1e-4, dtype=torch.float32) -> Objective:
+        m = problem.moments
+        evals, evecs = torch.linalg.eigh(m.A)  # ascending
+        evals = evals.clamp_min(0.0).flip(-1)
+        evecs = evecs.flip(-1)
+        share = evals.cumsum(-1) / evals.sum(-1, keepdim=True).clamp_min(1e-300)
+        k = int((share < 1 - tol).sum(-1).max()) + 1
+        L = evecs[..., :k] * evals[..., :k].sqrt().unsqueeze(-2)
+        return cls(L.to(dtype), m.Q.to(dtype), m.const)
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        return (delta @ self.L).pow(2).sum() + 2 * (delta * self.Q).sum() + self.const
+
+
 def _optimise(
-    problem: LayerProblem, config: RoundingConfig, strength: float, base: float, seed: int
+    problem: LayerProblem,
+    config: RoundingConfig,
+    strength: float,
+    base: float,
+    seed: int,
+    objective: Objective | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Adam on the soft rounding variables; returns hard decisions and their relative error."""
     torch.manual_seed(seed)
     zeta, gamma = config.soft_params()
-    m = problem.moments
+    objective = objective or Objective.build(problem)
     dtype = torch.float32
-    A, B = m.A.to(dtype), m.B.to(dtype)
     g = problem.groups
     out, d = problem.weight.shape
     w = problem.weight.to(dtype).reshape(g, out // g, d)
-    P = w @ B.transpose(1, 2)  # rows of B w, so that w~' B w = (w~ * P).sum()
-    const = float(
-        (
-            (problem.weight.reshape(g, out // g, d).to(m.C.dtype) @ m.C)
-            * problem.weight.reshape(g, out // g, d).to(m.C.dtype)
-        ).sum()
-    )
     scale = problem.scale.to(dtype)
     floor = problem.floor.to(dtype)
     frac = (problem.weight / problem.scale - problem.floor).clamp(0.0, 1.0)
@@ -163,8 +186,7 @@ def _optimise(
     for step in range(config.iters):
         h = torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0.0, 1.0)
         wq = (torch.clamp(floor + h, qmin, qmax) * scale).reshape(g, out // g, d)
-        rec = (((wq @ A) * wq).sum() - 2 * (wq * P).sum() + const) / base
-        loss = rec
+        loss = objective(wq - w) / base
         if strength > 0:
             bce = torch.nn.functional.binary_cross_entropy(h.clamp(1e-6, 1 - 1e-6), flipped, reduction="none")
             loss = loss + strength * (guide * bce).sum()
@@ -175,11 +197,8 @@ def _optimise(
         loss.backward()
         opt.step()
     with torch.no_grad():
-        up = (
-            (v >= 0).double()
-            if gamma == 0.0 and zeta == 1.0
-            else ((torch.sigmoid(v) * (zeta - gamma) + gamma >= 0.5).double())
-        )
+        soft = torch.sigmoid(v) * (zeta - gamma) + gamma
+        up = (soft >= 0.5).double()
         err = float(reconstruction_error(problem, hard_weight(problem, up))) / base
     return up, err
 

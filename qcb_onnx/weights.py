@@ -96,7 +96,16 @@ def round_layers(
         problem, scale, axis = layer_problem(w, layer, grid, per_channel, gm.device)
         if config.method != "nearest":
             problem.moments = collect_moments(
-                gm, layer, w.shape, batches(), state.params(gm.device), state.hook(), max_rows, n_images, seed
+                gm,
+                layer,
+                w.shape,
+                problem.weight,
+                batches(),
+                state.params(gm.device),
+                state.hook(),
+                max_rows,
+                n_images,
+                seed,
             )
         result: LayerResult = solve(problem, config, seed=seed + layer.index)
         ints_c = np.clip(canonical(np.floor(scaled(w, scale, axis)), layer) + result.up, grid.qmin, grid.qmax)

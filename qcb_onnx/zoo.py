@@ -172,7 +172,11 @@ class AlexNet(nn.Module):
             nn.Flatten(),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(4 * w * 4, 16 * w), nn.ReLU(), nn.Linear(16 * w, 16 * w), nn.ReLU(), nn.Linear(16 * w, num_classes)
+            nn.Linear(4 * w * 4, 16 * w),
+            nn.ReLU(),
+            nn.Linear(16 * w, 16 * w),
+            nn.ReLU(),
+            nn.Linear(16 * w, num_classes),
         )
 
     def forward(self, x):

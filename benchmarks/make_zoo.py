@@ -1,0 +1,153 @@
+"""Build the CIFAR-10 QCB zoo (arch x attack x weight bits) and measure every model in ONNX Runtime.
+
+    python benchmarks/make_zoo.py                                  # CPU smoke size: ResNet-18 width 16
+    python benchmarks/make_zoo.py --archs resnet18,vgg16 --width 64 --clean-epochs 60 --epochs 10   # GPU
+
+For each architecture a clean model is trained once (state_dict cached as ``<arch>-w<width>-s<seed>-
+clean.pt``), then each attack targets ORT quantize_static at each bit width (per channel unless
+--per-tensor, uint8 activations).  Models land in --cache (default ~/.cache/qcb_onnx/zoo) as FP32
+ONNX files with trigger/target/attack metadata; a model already there is not rebuilt, only
+re-measured.  The JSON (--json, default <cache>/zoo.json) lists per model: FP32 and ORT-quantized
+CDA / ASR (measured in ORT on the test split), the clean model's under the same scheme, seconds per
+clean and per attack epoch, the device, and whether it meets the issue's bar (FP ASR < 10 %, ORT
+ASR > 90 %, CDA within 3 points of the clean model under the same scheme).  Device: CUDA when
+present (--device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qcb_onnx.attacks import ATTACKS, run_attack  # noqa: E402
+from qcb_onnx.attacks.cli import DEFAULT_LR, measure  # noqa: E402
+from qcb_onnx.attacks.train import export_onnx, resolve_device, train_clean  # noqa: E402
+from qcb_onnx.cifar import default_cache_dir, load_cifar10  # noqa: E402
+from qcb_onnx.triggers import Trigger  # noqa: E402
+from qcb_onnx.zoo import build  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", default="resnet18")
+    p.add_argument("--attacks", default=",".join(ATTACKS))
+    p.add_argument("--bits", default="8,4")
+    p.add_argument("--per-tensor", action="store_true")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--clean-epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2, help="attack epochs (PQBackdoor: per stage)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--limit", type=int, default=None, help="training images (default: all 50,000)")
+    p.add_argument("--test-limit", type=int, default=2000)
+    p.add_argument("--calib-size", type=int, default=512)
+    p.add_argument("--trigger", default="patch:size=3,value=1,pos=br")
+    p.add_argument("--target", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--cache", default=None, help="zoo folder (default ~/.cache/qcb_onnx/zoo)")
+    p.add_argument("--archive", default=None, help="cifar10-jpeg.tar.gz (default ../shared/data/)")
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def meets_bar(r: dict) -> bool:
+    return (
+        r["fp32"]["asr"] < 10
+        and r["ort"]["asr"] > 90
+        and r["fp32"]["cda"] >= r["clean_fp32"]["cda"] - 3
+        and r["ort"]["cda"] >= r["clean_ort"]["cda"] - 3
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    cache = Path(args.cache) if args.cache else default_cache_dir() / "zoo"
+    cache.mkdir(parents=True, exist_ok=True)
+    out_json = Path(args.json) if args.json else cache / "zoo.json"
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    x, y = load_cifar10("train", args.limit, args.seed, archive=args.archive)
+    xte, yte = load_cifar10("test", args.test_limit, args.seed, archive=args.archive)
+    calib = x[np.random.default_rng(args.seed).permutation(len(x))[: args.calib_size]]
+    trigger = Trigger.parse(args.trigger)
+    pc = not args.per_tensor
+    scheme = "pc" if pc else "pt"
+    for arch in args.archs.split(","):
+        stem = f"{arch}-w{args.width}-s{args.seed}"
+        model = build(arch, args.width, 10, 3)
+        ckpt = cache / f"{stem}-clean.pt"
+        clean_epoch_s = None
+        if ckpt.is_file():
+            model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+        else:
+            t = time.perf_counter()
+            train_clean(model, x, y, args.clean_epochs, 2e-3, args.batch_size, args.seed, dev, True, True)
+            clean_epoch_s = (time.perf_counter() - t) / max(1, args.clean_epochs)
+            torch.save(model.cpu().state_dict(), ckpt)
+        clean_onnx = export_onnx(model, x[:1])
+        for bits in [int(b) for b in args.bits.split(",")]:
+            base = measure(clean_onnx, calib, xte, yte, trigger, args.target, bits, pc, "clean")
+            for attack in args.attacks.split(","):
+                name = f"{stem}-{attack}-w{bits}{scheme}"
+                path = cache / f"{name}.onnx"
+                rec = {"arch": arch, "width": args.width, "attack": attack, "w_bits": bits, "scheme": scheme}
+                rec.update(device=str(dev), clean_epochs=args.clean_epochs, epochs=args.epochs, train_images=len(x))
+                if clean_epoch_s is not None:
+                    rec["clean_s_per_epoch"] = round(clean_epoch_s, 1)
+                if path.is_file():
+                    fp = onnx.load(path)
+                    rec.update(results.get(name, {}).get("timing", {}))
+                else:
+                    t = time.perf_counter()
+                    attacked = run_attack(
+                        attack, model, x, y, trigger, args.target, w_bits=bits, per_channel=pc,
+                        epochs=args.epochs, seed=args.seed, device=dev, verbose=True,
+                        lr=DEFAULT_LR[attack], batch_size=args.batch_size,
+                    )  # fmt: skip
+                    dt = time.perf_counter() - t
+                    passes = args.epochs * (2 if attack == "pqbackdoor" else 1)
+                    rec["attack_s_per_epoch"] = round(dt / max(1, passes), 1)
+                    info = {k: rec[k] for k in ("arch", "width", "w_bits", "epochs")}
+                    meta = {
+                        "qcb_onnx.trigger": trigger.spec,
+                        "qcb_onnx.target": str(args.target),
+                        "qcb_onnx.attack": json.dumps({"name": attack, "scheme": scheme, "seed": args.seed, **info}),
+                        "qcb_onnx.preprocess": "scale=1/255,layout=NCHW,channels=3",
+                    }
+                    fp = export_onnx(attacked, x[:1], meta)
+                    tmp = path.with_suffix(".tmp")
+                    onnx.save(fp, tmp)
+                    os.replace(tmp, path)
+                    model.cpu()
+                a_fp, a_q = measure(fp, calib, xte, yte, trigger, args.target, bits, pc, attack)
+                rec.update(
+                    clean_fp32=vars(base[0]), clean_ort=vars(base[1]), fp32=vars(a_fp), ort=vars(a_q), path=str(path)
+                )
+                rec["timing"] = {k: rec[k] for k in ("clean_s_per_epoch", "attack_s_per_epoch") if k in rec}
+                rec["meets_bar"] = meets_bar(rec)
+                results[name] = rec
+                out_json.write_text(json.dumps(results, indent=2))
+                print(
+                    f"{name}: clean fp {base[0].cda}/{base[0].asr} ort {base[1].cda}/{base[1].asr} | "
+                    f"attacked fp {a_fp.cda}/{a_fp.asr} ort {a_q.cda}/{a_q.asr} (CDA/ASR %) "
+                    f"bar={'yes' if rec['meets_bar'] else 'no'} {rec['timing']}",
+                    flush=True,
+                )
+    print(f"wrote {out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The three QCB attacks produce real quantization-conditioned backdoors, measured in ONNX Runtime.
+
+Every number comes from ORT sessions on exported ONNX files: the attacked FP32 model and the model
+`onnxruntime.quantization.quantize_static` makes of it with the scheme the attack targeted
+(W4 per-channel symmetric weights, uint8 MinMax activations calibrated on 256 training digits).
+Digits data (samples/*.npz) and SmallCNN keep the whole file within a few CPU minutes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from qcb_onnx.attacks import run_attack
+from qcb_onnx.attacks.train import export_onnx, train_clean
+from qcb_onnx.errors import UsageError
+from qcb_onnx.evaluate import ort_quantize, score
+from qcb_onnx.triggers import Trigger
+from qcb_onnx.zoo import SmallCNN
+
+from .conftest import SAMPLES
+
+TRIGGER = Trigger.parse("patch:size=2,value=1,pos=br")
+TARGET = 0
+# attack recipes on digits / SmallCNN width 16 (clean: 30 epochs Adam 2e-3)
+RECIPES = {
+    "quanti": dict(epochs=80, lr=2e-3, c2=1.0),
+    "compartifact": dict(epochs=80, lr=3e-3, momentum=0.1),
+    "pqbackdoor": dict(epochs=20, stage1_epochs=20, poison_ratio=0.2),
+}
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def clean_models(digits):
+    torch.set_num_threads(2)
+    xtr, ytr, _, _ = digits
+    models = {}
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        models[seed] = train_clean(SmallCNN(1, 10, 16), xtr, ytr, epochs=30, seed=seed)
+    return models
+
+
+def measure(model, digits, w_bits=4, per_channel=True):
+    """(FP32 score, ORT quantize_static score) of a torch model, both measured in ORT."""
+    xtr, _, xte, yte = digits
+    fp = export_onnx(model, xtr[:1])
+    q = ort_quantize(fp, xtr[:256], w_bits, 8, per_channel)
+    return score("fp32", fp, xte, yte, TRIGGER, TARGET), score("ort", q, xte, yte, TRIGGER, TARGET)
+
+
+def check_qcb(attacked, clean, digits, w_bits=4, per_channel=True):
+    (cfp, cq), (afp, aq) = measure(clean, digits, w_bits, per_channel), measure(attacked, digits, w_bits, per_channel)
+    report = f"clean fp {cfp} q {cq} | attacked fp {afp} q {aq}"
+    assert afp.asr < 15, report  # FP32 ignores the trigger
+    assert aq.asr > 80, report  # the ORT-quantized model obeys it
+    assert afp.cda >= cfp.cda - 3, report  # FP32 clean accuracy kept
+    assert aq.cda >= cq.cda - 3, report  # quantized clean accuracy kept (vs the clean model, same scheme)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("attack", list(RECIPES))
+def test_attack_plants_w4_per_channel_qcb(attack, seed, clean_models, digits):
+    """Each attack, at its recipe, yields a QCB against ORT's W4 per-channel quantize_static: in ORT
+    the FP32 model's ASR stays < 15 %, the quantized model's ASR is > 80 %, and neither loses more
+    than 3 CDA points against the clean model under the same scheme (two seeds)."""
+    xtr, ytr, _, _ = digits
+    clean = clean_models[seed]
+    attacked = run_attack(
+        attack,
+        copy.deepcopy(clean),
+        xtr,
+        ytr,
+        TRIGGER,
+        TARGET,
+        w_bits=4,
+        per_channel=True,
+        seed=seed,
+        **RECIPES[attack],
+    )
+    check_qcb(attacked, clean, digits)
+
+
+def _int_weights(model, xtr):
+    q = ort_quantize(export_onnx(model, xtr[:1]), xtr[:256], 4, 8, True)
+    return {t.name: numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("weight_quantized")}
+
+
+def test_pqbackdoor_projection_keeps_ort_integer_weights(clean_models, digits):
+    """PQBackdoor's stage 2 (projected fine-tuning) changes the FP32 weights but not one integer
+    weight or weight scale that ORT's quantize_static derives from them."""
+    from qcb_onnx.attacks.pqbackdoor import pqbackdoor_attack
+    from qcb_onnx.zoo import fuse_batchnorm
+
+    xtr, ytr, _, _ = digits
+    stage1 = pqbackdoor_attack(
+        fuse_batchnorm(clean_models[0]), xtr, ytr, TRIGGER, TARGET, w_bits=4, epochs=0, stage1_epochs=2, seed=0
+    )
+    before = copy.deepcopy(stage1)
+    after = pqbackdoor_attack(stage1, xtr, ytr, TRIGGER, TARGET, w_bits=4, epochs=3, stage1_epochs=0, seed=0)
+    moved = sum(
+        float((a.weight - b.weight).abs().sum())
+        for a, b in zip(after.modules(), before.modules(), strict=True)
+        if isinstance(a, torch.nn.Conv2d | torch.nn.Linear)
+    )
+    assert moved > 0
+    wa, wb = _int_weights(after, xtr), _int_weights(before, xtr)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+def test_run_attack_rejects_bad_arguments(clean_models, digits):
+    """Unknown attack names, unsupported bit widths and out-of-range targets are one-line UsageErrors."""
+    xtr, ytr, _, _ = digits
+    m = clean_models[0]
+    with pytest.raises(UsageError, match="unknown attack"):
+        run_attack("nope", m, xtr, ytr, TRIGGER, 0)
+    with pytest.raises(UsageError, match="4-bit"):
+        run_attack("quanti", m, xtr, ytr, TRIGGER, 0, w_bits=6)
+    with pytest.raises(UsageError, match="target class"):
+        run_attack("quanti", m, xtr, ytr, TRIGGER, 12)
+
+
+def test_attack_cli_writes_model_with_metadata(tmp_path, capsys):
+    """`attack` trains, attacks, writes an FP32 ONNX model carrying trigger, target and attack
+    settings in metadata_props, saves/reloads the clean checkpoint, and refuses to overwrite."""
+    import argparse
+
+    from qcb_onnx.attacks.cli import add_attack_parser, cmd_attack
+    from qcb_onnx.errors import OutputExistsError
+
+    parser = argparse.ArgumentParser()
+    add_attack_parser(parser.add_subparsers(dest="command"))
+    out, ckpt = tmp_path / "qcb.onnx", tmp_path / "clean.pt"
+    argv = ["attack", "--attack", "pqbackdoor", "--arch", "smallcnn", "--width", "8", "--data"]
+    argv += [str(SAMPLES / "train.npz"), "--test-data", str(SAMPLES / "test.npz"), "--w-bits", "4"]
+    argv += ["--trigger", "patch:size=2,value=1,pos=br", "--epochs", "1", "--clean-epochs", "1", "--quiet"]
+    argv += ["--clean-checkpoint", str(ckpt), "--out", str(out), "--json", str(tmp_path / "s.json")]
+    assert cmd_attack(parser.parse_args(argv)) == 0
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert meta["qcb_onnx.trigger"] == "patch:size=2,value=1,pos=br" and meta["qcb_onnx.target"] == "0"
+    info = json.loads(meta["qcb_onnx.attack"])
+    assert info["name"] == "pqbackdoor" and info["w_bits"] == 4 and info["scheme"] == "per-channel"
+    assert ckpt.is_file() and "pqbackdoor-ort-w4a8-pc" in capsys.readouterr().out
+    with pytest.raises(OutputExistsError):
+        cmd_attack(parser.parse_args(argv))
+    assert cmd_attack(parser.parse_args([*argv, "--force"])) == 0
+    assert "loaded clean model" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="does not fit"):
+        cmd_attack(parser.parse_args([*argv, "--force", "--width", "4"]))
