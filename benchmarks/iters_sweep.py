@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from qcb_onnx import convert

@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None, help="zoo folder (default ~/.cache/qcb_onnx/zoo)")
     p.add_argument("--archive", default=None, help="cifar10-jpeg.tar.gz (default ../shared/data/)")
     p.add_argument("--json", default=None)
+    p.add_argument("--lr", default="", help="per-attack learning rates, e.g. quanti=3e-4,pqbackdoor=1e-3")
     return p.parse_args(argv)
 
 
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     calib = x[np.random.default_rng(args.seed).permutation(len(x))[: args.calib_size]]
     trigger = Trigger.parse(args.trigger)
     pc = not args.per_tensor
+    lrs = {k: float(v) for k, v in (item.split("=") for item in args.lr.split(",") if item)}
     scheme = "pc" if pc else "pt"
     for arch in args.archs.split(","):
         stem = f"{arch}-w{args.width}-s{args.seed}"
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
                     attacked = run_attack(
                         attack, model, x, y, trigger, args.target, w_bits=bits, per_channel=pc,
                         epochs=args.epochs, seed=args.seed, device=dev, verbose=True,
-                        lr=DEFAULT_LR[attack], batch_size=args.batch_size,
+                        lr=lrs.get(attack, DEFAULT_LR[attack]), batch_size=args.batch_size,
                     )  # fmt: skip
                     dt = time.perf_counter() - t
                     passes = args.epochs * (2 if attack == "pqbackdoor" else 1)

@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 
 from . import __version__
+from .attacks.cli import add_attack_parser, cmd_attack
 from .errors import OutputExistsError, QcbError, UsageError
 
 EXIT_INTERRUPTED = 130
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--providers", default="auto")
     e.add_argument("--json", default=None, help="write the table as JSON here")
     e.add_argument("--markdown", action="store_true", help="print a markdown table")
+    add_attack_parser(sub)
     return p
 
 
@@ -176,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .load import load_model
     from .triggers import Trigger
 
-    models = [(Path(p).stem, onnx.load(p) if _is_quantized(p) else load_model(p)) for p in args.models]
+    models = [(Path(p).stem, load_model(p, allow_quantized=True)) for p in args.models]
     fp_meta = metadata(models[0][1])
     # bits, scheme and preprocessing of the first qcb-onnx output, for the baseline
     meta = next((metadata(m) for _, m in models if "qcb_onnx.method" in metadata(m)), {})
@@ -188,6 +190,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     trigger_spec = args.trigger or fp_meta.get("qcb_onnx.trigger")
     target = args.target
     if target is None and "qcb_onnx.target" in fp_meta:
+        if not fp_meta["qcb_onnx.target"].strip().isdigit():
+            raise UsageError(f"model metadata qcb_onnx.target is not a class index: {fp_meta['qcb_onnx.target']!r:.40}")
         target = int(fp_meta["qcb_onnx.target"])
     trigger = Trigger.parse(trigger_spec) if trigger_spec else None
     if args.baseline == "ort":
@@ -223,19 +227,11 @@ def _baseline_scheme(args: argparse.Namespace, meta: dict[str, str]) -> tuple[in
     return w_bits, a_bits, "per-tensor" not in meta.get("qcb_onnx.scheme", "per-channel")
 
 
-def _is_quantized(path: str) -> bool:
-    try:
-        m = onnx.load(path, load_external_data=False)
-    except Exception:  # noqa: BLE001 - load_model reports it properly
-        return False
-    return any(n.op_type == "DequantizeLinear" for n in m.graph.node)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"convert": cmd_convert, "evaluate": cmd_evaluate}[args.command](args)
+        return {"convert": cmd_convert, "evaluate": cmd_evaluate, "attack": cmd_attack}[args.command](args)
     except QcbError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

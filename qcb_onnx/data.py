@@ -508,14 +508,39 @@ def _is_image_name(name: str) -> bool:
     return base.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _check_npy_header(fileobj: Any, size: int, where: str, ctx: _Ctx) -> None:
+    """Refuse an array whose header declares more data than the file holds, before numpy allocates it."""
+    try:
+        version = np.lib.format.read_magic(fileobj)
+        shape, _, dtype = (
+            np.lib.format.read_array_header_1_0(fileobj)
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0(fileobj)
+        )
+    except ValueError as exc:
+        raise ctx.fail(f"cannot read {ctx.kind} data file '{where}': {_one_line(exc)}") from None
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > size:
+        raise ctx.fail(
+            f"{ctx.kind} data file '{where}' declares shape {tuple(shape)} ({declared} bytes) but holds {size} bytes"
+        )
+
+
 def _load_array_file(path: Path, ctx: _Ctx) -> dict[str, Any] | np.ndarray:
-    """Read a .npy (memory-mapped) or all arrays of a .npz, refusing pickles."""
+    """Read a .npy (memory-mapped) or all arrays of a .npz, refusing pickles and lying headers."""
     try:
         if path.suffix.lower() == ".npy":
+            with open(path, "rb") as f:
+                _check_npy_header(f, path.stat().st_size, str(path), ctx)
             try:
                 return np.load(path, mmap_mode="r", allow_pickle=False)
             except ValueError:  # e.g. object arrays: reload without mmap for the real message
                 return np.load(path, allow_pickle=False)
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.filename.endswith(".npy"):
+                    with zf.open(info) as member:
+                        _check_npy_header(member, info.file_size, f"{path}:{info.filename}", ctx)
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:

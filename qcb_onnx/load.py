@@ -120,8 +120,10 @@ _MAGIC = (
 )
 
 
-def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+def load_model(source: str | Path | onnx.ModelProto, allow_quantized: bool = False) -> onnx.ModelProto:
     """Parse and validate an untrusted FP32 ONNX model; every problem is a one-line `QcbError`.
+
+    `allow_quantized` lets QDQ models through (for evaluation); conversion refuses them.
 
     A path is parsed without its external data; external data is read (by this function) only
     after every location has been proven to stay inside the model's folder.  A `ModelProto`
@@ -136,7 +138,7 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         path = Path(source)
         where = str(path)
         model = _parse_file(path)
-    _check_model(model, where)
+    _check_model(model, where, allow_quantized)
     order = _check_graph(model.graph, where)
     if order is not None:  # a DAG whose nodes are not in topological order: sort them (in a copy)
         if model is source:
@@ -232,14 +234,14 @@ def _what_is(data: bytes, exc: BaseException) -> str:
 # The model and its graph
 
 
-def _check_model(model: onnx.ModelProto, where: str) -> None:
+def _check_model(model: onnx.ModelProto, where: str, allow_quantized: bool = False) -> None:
     if not model.graph.node:
         raise ModelFileError(f"{where} has an empty graph (not an ONNX model?)")
     opset = default_opset(model)
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
         raise UnsupportedModelError(f"{where} uses ONNX opset {opset}; supported opsets are {MIN_OPSET}..{MAX_OPSET}")
     quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
-    if quantized:
+    if quantized and not allow_quantized:
         raise UnsupportedModelError(
             f"{where} is already quantized ({', '.join(quantized)} nodes): re-quantizing it cannot remove a backdoor "
             "planted in its rounding; convert the original FP32 model instead"

@@ -90,7 +90,7 @@ def hard_weight(problem: LayerProblem, up: torch.Tensor) -> torch.Tensor:
 def solve(problem: LayerProblem, config: RoundingConfig, seed: int = 0) -> LayerResult:
     nearest = problem.nearest_up
     if config.method == "nearest":
-        return LayerResult(nearest.to(torch.uint8).numpy(), 0.0, 1.0, 0.0)
+        return LayerResult(nearest.to(torch.uint8).cpu().numpy(), 0.0, 1.0, 0.0)
     base = float(reconstruction_error(problem, hard_weight(problem, nearest)))
     base = max(base, 1e-30)
     objective = Objective.build(problem)
@@ -121,7 +121,7 @@ def _result(problem: LayerProblem, up: torch.Tensor, err: float, strength: float
     g = problem.grid  # count changed integers: a decision clamped at the grid edge changes nothing
     q = torch.clamp(problem.floor + up, g.qmin, g.qmax)
     flips = (q != torch.clamp(problem.floor + problem.nearest_up, g.qmin, g.qmax)).double().mean().item()
-    return LayerResult(up.to(torch.uint8).numpy(), flips, err, strength)
+    return LayerResult(up.to(torch.uint8).cpu().numpy(), flips, err, strength)
 
 
 @dataclass

@@ -183,12 +183,6 @@ def test_float64_is_converted(capsys, tmp_path, model):
     assert code == 0, err
 
 
-@pytest.mark.xfail(
-    reason="data.py bug: a .npy/.npz whose header declares a huge shape makes np.load allocate it up front "
-    "(MemoryError traceback instead of exit 4); see the report of issue 5",
-    raises=MemoryError,
-    strict=False,
-)
 @pytest.mark.parametrize("suffix", [".npy", ".npz"])
 def test_npy_header_declaring_huge_shape(capsys, tmp_path, model, suffix):
     """A 1 KB .npy whose header claims 2**40 samples must be refused from the header (exit 4),
