@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device")
     c.add_argument("--providers", default="auto", help="ORT providers for verification: auto, cpu, cuda or EP list")
     c.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    c.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its per-layer checkpoint next to --out"
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
     e = sub.add_parser("evaluate", help="CDA and ASR of ONNX models in ONNX Runtime")
@@ -138,6 +141,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from .errors import ModelFileError
 
         raise ModelFileError(f"model file not found: {args.model}")
+    checkpoint = out.parent / f".{out.name}.resume.npz"
     model = convert(
         args.model,
         args.calib,
@@ -161,6 +165,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         device=args.device,
         providers=args.providers,
         progress=not args.quiet,
+        checkpoint=checkpoint,
+        resume=args.resume,
     )
     write_atomic(model, out, args.force)
     if not args.quiet:
@@ -236,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        hint = " (finished layers are saved: rerun with --resume)" if args.command == "convert" else ""
+        print(f"error: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from .quantsim import QuantState
 from .rounding import METHODS, RoundingConfig
 from .runtime import torch_device
 from .verify import verify
-from .weights import LayerReport, round_layers
+from .weights import Checkpoint, LayerReport, round_layers
 
 DEFAULT_ITERS = 1000
 DEFAULT_MAX_ROWS = 1 << 16
@@ -91,6 +93,8 @@ def quantize(
     providers: str | list[str] = "auto",
     progress: bool = False,
     check: bool = True,
+    checkpoint: str | Path | None = None,
+    resume: bool = True,
 ) -> Conversion:
     """The whole pipeline; `convert` is this without the intermediate state."""
     if method not in METHODS:
@@ -149,7 +153,13 @@ def quantize(
         warmup=warmup,
         guide=guide,
     )
-    reports = round_layers(gm, plan, state, batches, n_images, config, w_bits, per_channel, max_rows, seed, progress)
+    ckpt = None
+    if checkpoint is not None:
+        run_id = [__version__, w_bits, a_bits, per_channel, calib_method, max_rows, batch_size, seed, asdict(config)]
+        ckpt = Checkpoint(checkpoint, _fingerprint(normalized, arrays, run_id), resume)
+    reports = round_layers(
+        gm, plan, state, batches, n_images, config, w_bits, per_channel, max_rows, seed, progress, ckpt
+    )
 
     # emit
     metadata = {
@@ -183,7 +193,19 @@ def quantize(
     # verify
     if check:
         verify(qdq, gm, state, batches()[0], providers=providers)
+    if ckpt:
+        ckpt.remove()
     return Conversion(qdq, gm, state, plan, reports)
+
+
+def _fingerprint(model: onnx.ModelProto, arrays: dict[str, np.ndarray], options: list) -> str:
+    """What a resumable run depends on: the model, the calibration samples and every option."""
+    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def _batcher(arrays: dict[str, np.ndarray], batch_size: int, dev: torch.device):

@@ -7,8 +7,12 @@ that reaches it (EFRAP's activation preservation uses the quantized prefix's inp
 
 from __future__ import annotations
 
+import json
+import os
+import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,17 +87,26 @@ def round_layers(
     max_rows: int,
     seed: int,
     progress: bool,
+    checkpoint: Checkpoint | None = None,
 ) -> list[LayerReport]:
-    """Quantize every layer's weight into `state`, in order; returns per-layer evidence."""
+    """Quantize every layer's weight into `state`, in order; returns per-layer evidence.
+
+    With a `checkpoint`, layers it already holds are taken from it and every finished layer is
+    saved to it, so a killed run resumes where it stopped with the same integers (each layer's
+    randomness is seeded by the seed and the layer's position, not by what ran before)."""
     grid = weight_grid(w_bits)
     reports = []
+    done = checkpoint.load() if checkpoint else {}
     bar = tqdm(plan.layers, desc=f"{config.method} rounding", unit="layer", disable=not progress)
     for layer in bar:
         bar.set_postfix_str(layer.node or layer.weight)
         w = gm.params[layer.weight].detach().cpu().numpy().astype(np.float32)
-        if layer.op_type == "Gemm" and layer.axis == 1 and w.ndim != 2:
-            raise AssertionError("Gemm weight must be 2-D")
         problem, scale, axis = layer_problem(w, layer, grid, per_channel, gm.device)
+        if layer.weight in done:
+            ints, report = done[layer.weight]
+            _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid))
+            reports.append(report)
+            continue
         if config.method != "nearest":
             problem.moments = collect_moments(
                 gm,
@@ -110,12 +123,54 @@ def round_layers(
         result: LayerResult = solve(problem, config, seed=seed + layer.index)
         ints_c = np.clip(canonical(np.floor(scaled(w, scale, axis)), layer) + result.up, grid.qmin, grid.qmax)
         ints = from_canonical(ints_c, layer, w.shape).astype(np.int32)
-        wq = WeightQuant(ints, scale, axis, grid)
-        state.weights[layer.weight] = wq
-        if layer.bias is not None and layer.input in state.acts:
-            bias = gm.params[layer.bias].detach().cpu().numpy().astype(np.float32)
-            state.biases[layer.bias] = quantize_bias(bias, state.acts[layer.input].scale, wq, layer)
+        _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid))
         reports.append(
             LayerReport(layer.node, layer.weight, tuple(w.shape), result.flip_ratio, result.error, result.strength)
         )
+        if checkpoint:
+            done[layer.weight] = (ints, reports[-1])
+            checkpoint.save(done)
     return reports
+
+
+def _commit(state: QuantState, gm: GraphModule, layer: Layer, wq: WeightQuant) -> None:
+    """Make a layer's integers (and its int32 bias) part of the quantized prefix."""
+    state.weights[layer.weight] = wq
+    if layer.bias is not None and layer.input in state.acts:
+        bias = gm.params[layer.bias].detach().cpu().numpy().astype(np.float32)
+        state.biases[layer.bias] = quantize_bias(bias, state.acts[layer.input].scale, wq, layer)
+
+
+class Checkpoint:
+    """Per-layer decisions in an .npz (no pickle), valid only for the run `fingerprint` identifies."""
+
+    def __init__(self, path: str | Path, fingerprint: str, resume: bool = True) -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.resume = resume
+
+    def load(self) -> dict[str, tuple[np.ndarray, LayerReport]]:
+        if not self.resume or not self.path.is_file():
+            return {}
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                if str(z["fingerprint"]) != self.fingerprint:
+                    return {}  # a different model, data or option set: start afresh
+                meta = json.loads(str(z["reports"]))
+                return {
+                    m["weight"]: (z[f"ints/{m['weight']}"], LayerReport(**{**m, "shape": tuple(m["shape"])}))
+                    for m in meta
+                }
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
+            return {}  # unreadable (e.g. killed mid-write before the rename): start afresh
+
+    def save(self, done: dict[str, tuple[np.ndarray, LayerReport]]) -> None:
+        arrays = {f"ints/{name}": ints for name, (ints, _) in done.items()}
+        reports = json.dumps([asdict(r) for _, r in done.values()])
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, fingerprint=np.array(self.fingerprint), reports=np.array(reports), **arrays)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,117 @@
+"""A killed conversion resumes from its per-layer checkpoint and ends with the same integers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+import qcb_onnx.weights as weights_module
+from qcb_onnx.convert import quantize
+from qcb_onnx.emit import read_weight_ints
+
+
+def _ints(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {
+        t.name: read_weight_ints(model, t.name[: -len("_quantized")])
+        for t in model.graph.initializer
+        if t.name.endswith("weight_quantized")
+    }
+
+
+def test_interrupted_run_resumes_with_identical_integers(qcb_model, digits, tmp_path, monkeypatch):
+    """Interrupt after two layers, resume: only the remaining layers are optimised and every integer
+    equals the uninterrupted run's."""
+    calib = digits[0][:128]
+    options = dict(w_bits=4, iters=60, providers="cpu", seed=3)
+    reference = _ints(quantize(onnx.load(qcb_model), calib, **options).model)
+
+    real_solve = weights_module.solve
+    calls = {"n": 0}
+
+    def dying_solve(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_solve(*args, **kwargs)
+
+    ckpt = tmp_path / "run.resume.npz"
+    monkeypatch.setattr(weights_module, "solve", dying_solve)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(onnx.load(qcb_model), calib, checkpoint=ckpt, **options)
+    assert ckpt.is_file()
+
+    calls["n"] = -100  # no more interruptions; count the layers still optimised
+    monkeypatch.setattr(
+        weights_module, "solve", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), real_solve(*a, **k))[1]
+    )
+    resumed = quantize(onnx.load(qcb_model), calib, checkpoint=ckpt, **options)
+    assert calls["n"] == -100 + 2  # 4 layers, 2 already done
+    assert not ckpt.exists()  # removed after success
+    got = _ints(resumed.model)
+    assert got.keys() == reference.keys()
+    for name in reference:
+        np.testing.assert_array_equal(got[name], reference[name], err_msg=name)
+
+
+def test_checkpoint_of_another_run_is_ignored(qcb_model, digits, tmp_path):
+    """A checkpoint written with other options (here another seed) is not reused."""
+    calib = digits[0][:64]
+    ckpt = tmp_path / "c.npz"
+    from qcb_onnx.weights import Checkpoint, LayerReport
+
+    Checkpoint(ckpt, "not-this-run").save(
+        {
+            "features.0.weight": (
+                np.zeros((16, 1, 3, 3), np.int32),
+                LayerReport("n", "features.0.weight", (16, 1, 3, 3), 0.0, 1.0, 0.0),
+            )
+        }
+    )
+    result = quantize(onnx.load(qcb_model), calib, w_bits=4, iters=20, providers="cpu", checkpoint=ckpt)
+    assert np.abs(read_weight_ints(result.model, "features.0.weight")).sum() > 0
+
+
+def test_sigkill_then_cli_resume(qcb_model, calib_npy, tmp_path):
+    """`convert` killed with SIGKILL mid-run leaves no output; `--resume` finishes it with the same
+    integers as an uninterrupted run."""
+    base = [
+        sys.executable,
+        "-m",
+        "qcb_onnx",
+        "convert",
+        str(qcb_model),
+        "--calib",
+        str(calib_npy),
+        "--w-bits",
+        "4",
+        "--iters",
+        "400",
+        "--quiet",
+        "--providers",
+        "cpu",
+    ]
+    ref_out = tmp_path / "ref.onnx"
+    subprocess.run([*base, "--out", str(ref_out)], check=True, capture_output=True)
+    out = tmp_path / "out.onnx"
+    ckpt = tmp_path / ".out.onnx.resume.npz"
+    proc = subprocess.Popen([*base, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("conversion finished before it could be killed")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = subprocess.run([*base, "--out", str(out), "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ref, got = _ints(onnx.load(ref_out)), _ints(onnx.load(out))
+    for name in ref:
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
