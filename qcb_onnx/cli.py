@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--providers", default="auto")
     e.add_argument("--json", default=None, help="write the table as JSON here")
     e.add_argument("--markdown", action="store_true", help="print a markdown table")
+    e.add_argument("--plot", default=None, help="write a bar chart of CDA/ASR per model to this PNG")
     add_attack_parser(sub)
     return p
 
@@ -180,7 +181,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import Preprocess, input_specs, load_calibration, load_labelled
-    from .evaluate import format_markdown, format_table, metadata, ort_quantize, score, write_json
+    from .evaluate import format_markdown, format_table, metadata, ort_quantize, plot, score, write_json
     from .load import load_model
     from .triggers import Trigger
 
@@ -220,6 +221,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         extra = {"data": args.data, "trigger": trigger_spec, "target": target, "models": args.models}
         write_json(scores, args.json, extra)
+    if args.plot:
+        plot(scores, args.plot)
     return 0
 
 

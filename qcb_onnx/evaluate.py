@@ -29,9 +29,10 @@ from .triggers import Trigger
 class Score:
     model: str
     cda: float  # % clean accuracy
-    asr: float  # % triggered non-target inputs classified as target
+    asr: float  # % triggered non-target inputs classified as target (the standard ASR)
     n_clean: int
     n_triggered: int
+    asr_all: float = float("nan")  # % of all triggered inputs, target class included, classified as target
 
 
 def predict(model: onnx.ModelProto | str, x: np.ndarray, providers="auto", batch_size: int = 256) -> np.ndarray:
@@ -53,13 +54,14 @@ def score(
 ) -> Score:
     clean = predict(model, x, providers)
     cda = float((clean == y).mean() * 100)
-    asr, n_trig = float("nan"), 0
+    asr, asr_all, n_trig = float("nan"), float("nan"), 0
     if trigger is not None and target is not None:
+        hit = predict(model, trigger.apply(x, preprocess), providers) == target
         keep = y != target
-        xt = trigger.apply(x[keep], preprocess)
         n_trig = int(keep.sum())
-        asr = float((predict(model, xt, providers) == target).mean() * 100) if n_trig else float("nan")
-    return Score(name, round(cda, 2), round(asr, 2), len(y), n_trig)
+        asr = float(hit[keep].mean() * 100) if n_trig else float("nan")
+        asr_all = float(hit.mean() * 100)
+    return Score(name, round(cda, 2), round(asr, 2), len(y), n_trig, round(asr_all, 2))
 
 
 class _ArrayReader(CalibrationDataReader):
@@ -117,16 +119,43 @@ def metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def format_table(scores: list[Score]) -> str:
+    """ASR counts non-target test inputs; 'ASR all' counts every triggered input, target class included."""
     width = max(len(s.model) for s in scores)
-    lines = [f"{'model':<{width}}  {'CDA %':>7}  {'ASR %':>7}", f"{'-' * width}  {'-' * 7}  {'-' * 7}"]
-    lines += [f"{s.model:<{width}}  {s.cda:>7.2f}  {s.asr:>7.2f}" for s in scores]
+    head = f"{'model':<{width}}  {'CDA %':>7}  {'ASR %':>7}  {'ASR all %':>9}"
+    lines = [head, f"{'-' * width}  {'-' * 7}  {'-' * 7}  {'-' * 9}"]
+    lines += [f"{s.model:<{width}}  {s.cda:>7.2f}  {s.asr:>7.2f}  {s.asr_all:>9.2f}" for s in scores]
     return "\n".join(lines)
 
 
 def format_markdown(scores: list[Score]) -> str:
-    lines = ["| model | CDA % | ASR % |", "|---|---:|---:|"]
-    lines += [f"| {s.model} | {s.cda:.2f} | {s.asr:.2f} |" for s in scores]
+    lines = ["| model | CDA % | ASR % (non-target) | ASR % (all) |", "|---|---:|---:|---:|"]
+    lines += [f"| {s.model} | {s.cda:.2f} | {s.asr:.2f} | {s.asr_all:.2f} |" for s in scores]
     return "\n".join(lines)
+
+
+def plot(scores: list[Score], path: str | Path, title: str = "") -> None:
+    """Grouped bars of CDA and ASR per model variant, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'qcb-onnx[plot]'") from None
+    idx = np.arange(len(scores))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(scores) + 1), 3.6), dpi=120)
+    for offset, key, label, color in [(-0.2, "cda", "CDA %", "#3b7dd8"), (0.2, "asr", "ASR %", "#d8543b")]:
+        values = [getattr(s, key) for s in scores]
+        bars = ax.bar(idx + offset, values, 0.4, label=label, color=color)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(idx, [s.model for s in scores], rotation=15, ha="right", fontsize=8)
+    ax.set_ylim(0, 120)
+    ax.set_ylabel("%")
+    ax.set_title(title or "clean accuracy and attack success, measured in ONNX Runtime", fontsize=9)
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def write_json(scores: list[Score], path: str | Path, extra: dict | None = None) -> None:

@@ -101,6 +101,8 @@ def test_cli_convert_then_evaluate(qcb_model, calib_npy, tmp_path, digits):
             str(calib_npy),
             "--json",
             str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path / "r.png"),
         ],
         capture_output=True,
         text=True,
@@ -111,3 +113,5 @@ def test_cli_convert_then_evaluate(qcb_model, calib_npy, tmp_path, digits):
 
     rows = json.loads((tmp_path / "r.json").read_text())["results"]
     assert [r["model"] for r in rows] == ["qcb", "ort-quantize_static-w4a8-pc", "safe"]
+    assert all(0 <= r["asr"] <= 100 and 0 <= r["asr_all"] <= 100 for r in rows)
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the bar chart
