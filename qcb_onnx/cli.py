@@ -7,16 +7,13 @@ written to a temporary file in the destination folder and renamed only after eve
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
-
-import onnx
 
 from . import __version__
 from .attacks.cli import add_attack_parser, cmd_attack
 from .errors import OutputExistsError, QcbError, UsageError
+from .output import write_atomic
 
 EXIT_INTERRUPTED = 130
 
@@ -115,21 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", default=None, help="write a bar chart of CDA/ASR per model to this PNG")
     add_attack_parser(sub)
     return p
-
-
-def write_atomic(model: onnx.ModelProto, out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise OutputExistsError(f"output {out} exists; pass --force to overwrite it")
-    if not out.parent.exists():
-        raise UsageError(f"output folder does not exist: {out.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

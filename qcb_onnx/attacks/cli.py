@@ -19,13 +19,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CalibrationDataError, OutputExistsError, UsageError
+from ..output import write_atomic
 
 DEFAULT_LR = {"quanti": 2e-3, "compartifact": 3e-3, "pqbackdoor": 1e-3}
 
@@ -95,19 +95,6 @@ def _split(x: np.ndarray, y: np.ndarray, seed: int):
     idx = np.random.default_rng(seed).permutation(len(x))
     cut = int(len(x) * 0.8)
     return x[idx[:cut]], y[idx[:cut]], x[idx[cut:]], y[idx[cut:]]
-
-
-def _write_atomic(model, out: Path, force: bool) -> None:
-    import onnx
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def measure(model, calib, x, y, trigger, target, w_bits, per_channel, label: str):
@@ -218,7 +205,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if x.shape[1] in (1, 3):  # models take [0, 1] pixels, no mean/std
         meta["qcb_onnx.preprocess"] = f"scale=1/255,layout=NCHW,channels={x.shape[1]}"
     fp = export_onnx(attacked, x[:1], meta)
-    _write_atomic(fp, out, args.force)
+    write_atomic(fp, out, args.force)
     scores = measure(clean_onnx, calib, xte, yte, trigger, args.target, args.w_bits, not args.per_tensor, "clean")
     scores += measure(fp, calib, xte, yte, trigger, args.target, args.w_bits, not args.per_tensor, args.attack)
     print(format_table(scores))
