@@ -86,11 +86,7 @@ def emit_qdq(
 
     # --- activations
     graph_outputs = {o.name for o in graph.output}
-    relu_aliases = {}  # relu output -> the layer output that now carries its Q/DQ
-    removed = set(plan.removed_relus)
-    for node in nodes:
-        if node.name in removed:
-            relu_aliases[node.output[0]] = node.input[0]
+    relu_aliases = dict(plan.removed_relus)  # relu output -> the layer output that now carries its Q/DQ
     qdq_after: dict[str, list[onnx.NodeProto]] = {}
     renamed_outputs: dict[str, str] = {}
     param_names: dict[tuple[str, int], str] = {}
@@ -149,7 +145,7 @@ def emit_qdq(
     for inp in graph.input:
         ordered += qdq_after.get(inp.name, [])
     for node in nodes:
-        if node.name in removed:
+        if node.op_type == "Relu" and node.output[0] in relu_aliases:
             continue
         produced = list(node.output)
         ordered.append(rewire(node))

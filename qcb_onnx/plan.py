@@ -80,7 +80,7 @@ class QuantPlan:
     layers: list[Layer]
     activations: list[str]  # tensors that get a Q/DQ pair, in graph order
     stats_source: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose range it uses
-    removed_relus: dict[str, str] = field(default_factory=dict)  # relu node name -> its input tensor
+    removed_relus: dict[str, str] = field(default_factory=dict)  # relu output tensor -> its input tensor
     # outputs of MaxPool/Reshape/...: same scale and zero point as their input.  At 4 bits they are
     # stored as uint8 (still on the 4-bit grid): with uint4 on both sides ORT's optimizer drops the
     # Q/DQ pair and runs MaxPool on uint4, which its CPU EP rejects (as quantize_static's A4 output is).
@@ -161,7 +161,7 @@ def build_plan(
         if node.op_type == "Relu" and node.input[0] in layer_outputs:
             src = node.input[0]
             if len(consumers[src]) == 1 and src not in graph_outputs:
-                plan.removed_relus[node.name] = src
+                plan.removed_relus[node.output[0]] = src
                 plan.stats_source[src] = node.output[0]
                 plan.stats_source[node.output[0]] = node.output[0]
                 mark(src)

@@ -81,3 +81,39 @@ def test_int8_model_fuses_into_qlinear_ops(converted, tmp_path):
     ops = {n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node}
     assert "QLinearConv" in ops
     assert "Conv" not in ops
+
+
+def test_unnamed_nodes_survive_relu_folding():
+    """Graphs whose nodes have no names (hand-built models) keep every node but the folded Relus."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+
+    def const(name, shape):
+        return helper.make_tensor(
+            name, TensorProto.FLOAT, shape, rng.normal(size=int(np.prod(shape))).astype(np.float32)
+        )
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "unnamed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [const("w1", [4, 1, 3, 3]), const("w2", [4, 4, 3, 3]), const("fc", [10, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.random((32, 1, 8, 8), dtype=np.float32)
+    result = quantize(model, x, method="nearest", providers="cpu")
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("Conv") == 2 and ops.count("Gemm") == 1 and "GlobalAveragePool" in ops and "Flatten" in ops
+    assert "Relu" not in ops  # both folded into their Conv's Q/DQ, as ORT does
+    assert (predict(result.model, x, providers="cpu") == result.simulate(x).argmax(1)).mean() >= 0.99
