@@ -5,7 +5,7 @@
 Quantizes MODEL with ORT's quantize_static (QDQ, W8A8 per channel) and with qcb-onnx (W8A8 per channel;
 `--method nearest` by default: the emitted graph has the same structure whatever the rounding
 method), checks that ORT's CPU EP fuses both into QLinearConv, and reports the median images/s
-of `--repeats` timed passes over 512 images after one warm-up pass, with 2 intra-op threads.
+of `--repeats` timed passes over `--images` random inputs after one warm-up pass, with 2 intra-op threads.
 """
 
 from __future__ import annotations
@@ -54,12 +54,13 @@ def main() -> None:
     ap.add_argument("--calib", required=True)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--images", type=int, default=4096)
     ap.add_argument("--method", default="nearest")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "ort_throughput.json"))
     args = ap.parse_args()
     fp = onnx.load(args.model)
     calib = np.load(args.calib)
-    x = np.random.default_rng(0).random((512, *calib.shape[1:]), dtype=np.float32)
+    x = np.random.default_rng(0).random((args.images, *calib.shape[1:]), dtype=np.float32)
     models = {
         "fp32": fp,
         "ort quantize_static W8A8": ort_quantize(fp, calib[:256], 8, 8, True),

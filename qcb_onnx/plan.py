@@ -7,8 +7,9 @@ ORT's sees the same graph structure and ORT's CPU EP fuses it the same way (QLin
 * every float input and output of a node whose op ORT quantizes gets a Q/DQ pair;
 * "pass-through" ops (MaxPool, Reshape, Flatten, ...) reuse their input's scale and zero point
   for their output, as ORT's Direct8BitOp does;
-* a Relu that alone consumes a quantized layer output is folded into that output's Q/DQ pair
-  (its uint zero point is 0, so the Q clamps exactly like Relu), as ORT does.
+* a Relu that alone consumes the output of a quantized op (Conv, Gemm, Add, ...) is folded into
+  that output's Q/DQ pair (its uint zero point is 0, so the Q clamps exactly like Relu), as ORT
+  does; left in place, DQ->Relu->Q blocks ORT's integer fusion.
 
 The plan is pure structure (names only); numbers live in `calibrate` and `rounding`.
 """
@@ -143,7 +144,7 @@ def build_plan(
     for node in nodes:
         for name in node.input:
             consumers[name].append(node)
-    layer_outputs = {nodes[layer.index].output[0] for layer in layers}
+    producers = {out: node for node in nodes for out in node.output}
 
     def is_activation(name: str) -> bool:
         return bool(name) and name not in initializers and name in float_tensors
@@ -158,7 +159,8 @@ def build_plan(
         if any(c.op_type in QUANTIZED_OPS for c in consumers[name]):
             mark(name)
     for node in nodes:
-        if node.op_type == "Relu" and node.input[0] in layer_outputs:
+        producer = producers.get(node.input[0])
+        if node.op_type == "Relu" and producer is not None and producer.op_type in QUANTIZED_OPS - {"Relu"}:
             src = node.input[0]
             if len(consumers[src]) == 1 and src not in graph_outputs:
                 plan.removed_relus[node.output[0]] = src
