@@ -118,3 +118,14 @@ def bypass_node(node: ir.Node, old_output: ir.Value, new_output: ir.Value) -> No
 def cast_back(array: np.ndarray, dtype: ir.DataType) -> np.ndarray:
     """Cast a float64 result back to the element type of the tensor it replaces."""
     return np.asarray(array).astype(dtype.numpy())
+
+
+def fold_each_node(model: ir.Model, try_fold, what: str, logger) -> ir.passes.PassResult:
+    """Apply `try_fold(node) -> bool` to every node of the main graph (subgraphs are left alone)."""
+    count = 0
+    for node in list(model.graph):
+        if node.graph is model.graph and try_fold(node):
+            count += 1
+    if count:
+        logger.info("Folded %d %s", count, what)
+    return ir.passes.PassResult(model, modified=bool(count))

@@ -30,6 +30,7 @@ from ._utils import (
     cast_back,
     const_array,
     const_dtype,
+    fold_each_node,
     set_const_input,
     single_consumer,
 )
@@ -176,10 +177,4 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        count = 0
-        for node in list(model.graph):
-            if node.graph is model.graph and _try_fold(node):
-                count += 1
-        if count:
-            logger.info("Folded %d BatchNormalization node(s)", count)
-        return ir.passes.PassResult(model, modified=bool(count))
+        return fold_each_node(model, _try_fold, "BatchNormalization node(s)", logger)

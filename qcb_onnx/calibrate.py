@@ -31,7 +31,6 @@ class RangeObserver:
         self.keep_sample = keep_sample
         self.rng = rng
         self.chunks: list[np.ndarray] = []
-        self.seen = 0
 
     def update(self, value: torch.Tensor) -> None:
         v = value.detach().float().reshape(-1)
@@ -44,7 +43,6 @@ class RangeObserver:
             # keep at most SAMPLE_PER_TENSOR values overall, subsampled evenly per batch
             take = min(arr.size, max(1, SAMPLE_PER_TENSOR // 16))
             self.chunks.append(self.rng.choice(arr, size=take, replace=False) if take < arr.size else arr.copy())
-            self.seen += 1
             if sum(c.size for c in self.chunks) > 2 * SAMPLE_PER_TENSOR:
                 merged = np.concatenate(self.chunks)
                 self.chunks = [self.rng.choice(merged, size=SAMPLE_PER_TENSOR, replace=False)]

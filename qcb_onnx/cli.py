@@ -120,10 +120,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise OutputExistsError(f"output {out} exists; pass --force to overwrite it")
-    if not Path(args.model).exists():
-        from .errors import ModelFileError
-
-        raise ModelFileError(f"model file not found: {args.model}")
     checkpoint = out.parent / f".{out.name}.resume.npz"
     model = convert(
         args.model,

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .plan import Layer
 from .scheme import Grid, broadcast_scale
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -82,7 +81,7 @@ def fake_quant(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
     return (y - q.zero_point) * scale
 
 
-def quantize_bias(bias: np.ndarray, input_scale: np.float32, weight: WeightQuant, layer: Layer) -> BiasQuant:
+def quantize_bias(bias: np.ndarray, input_scale: np.float32, weight: WeightQuant) -> BiasQuant:
     """ORT's int32 bias: scale = input_scale * weight_scale per output channel, round half to even."""
     n_out = bias.shape[0]
     w_scale = weight.scale if weight.scale.size == n_out else np.repeat(weight.scale, n_out)

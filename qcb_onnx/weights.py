@@ -121,7 +121,7 @@ def round_layers(
                 seed,
             )
         result: LayerResult = solve(problem, config, seed=seed + layer.index)
-        ints_c = np.clip(canonical(np.floor(scaled(w, scale, axis)), layer) + result.up, grid.qmin, grid.qmax)
+        ints_c = np.clip(problem.floor.cpu().numpy() + result.up, grid.qmin, grid.qmax)
         ints = from_canonical(ints_c, layer, w.shape).astype(np.int32)
         _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid))
         reports.append(
@@ -138,7 +138,7 @@ def _commit(state: QuantState, gm: GraphModule, layer: Layer, wq: WeightQuant) -
     state.weights[layer.weight] = wq
     if layer.bias is not None and layer.input in state.acts:
         bias = gm.params[layer.bias].detach().cpu().numpy().astype(np.float32)
-        state.biases[layer.bias] = quantize_bias(bias, state.acts[layer.input].scale, wq, layer)
+        state.biases[layer.bias] = quantize_bias(bias, state.acts[layer.input].scale, wq)
 
 
 class Checkpoint:
