@@ -27,6 +27,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as _common
 
+from qcb_onnx import large
 from qcb_onnx.errors import ModelFileError, UsageError
 
 from .eliminate_dropout import EliminateDropoutPass
@@ -113,10 +114,10 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     normalize_pass()(model_ir)
     result = ir.serde.serialize_model(model_ir)
     try:
-        onnx.checker.check_model(result, full_check=True)
+        large.check_model(result, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         try:
-            onnx.checker.check_model(model, full_check=True)
+            large.check_model(model, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as in_exc:
             raise ModelFileError(f"the model fails the ONNX checker: {_first_line(in_exc)}") from in_exc
         raise RuntimeError(f"normalize produced an invalid model (a qcb-onnx bug): {exc}") from exc

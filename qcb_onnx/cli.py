@@ -147,11 +147,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         checkpoint=checkpoint,
         resume=args.resume,
     )
-    write_atomic(model, out, args.force)
+    written = write_atomic(model, out, args.force)
     if not args.quiet:
         meta = {p.key: p.value for p in model.metadata_props}
         print(
-            f"wrote {out}: method={args.method} w_bits={args.w_bits} a_bits={args.a_bits} "
+            f"wrote {' + '.join(str(p) for p in reversed(written))}: method={args.method} "
+            f"w_bits={args.w_bits} a_bits={args.a_bits} "
             f"{'per-channel' if args.per_channel else 'per-tensor'}, {meta.get('qcb_onnx.seconds')} s"
         )
     return 0

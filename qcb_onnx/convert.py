@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -13,7 +12,7 @@ import numpy as np
 import onnx
 import torch
 
-from . import __version__
+from . import __version__, large
 from .calibrate import CALIB_METHODS, calibrate_activations
 from .capture import GraphModule
 from .data import Preprocess, input_specs, load_calibration
@@ -114,7 +113,7 @@ def quantize(
     target_opset = 21 if (w_bits <= 4 or a_bits == 4) else 13
     normalized = normalize(src)
     if (default_opset(normalized) or 0) < target_opset:
-        normalized = onnx.version_converter.convert_version(normalized, target_opset)
+        normalized = large.convert_version(normalized, target_opset)
 
     # capture
     gm = GraphModule(normalized, device=dev)
@@ -200,7 +199,7 @@ def quantize(
 
 def _fingerprint(model: onnx.ModelProto, arrays: dict[str, np.ndarray], options: list) -> str:
     """What a resumable run depends on: the model, the calibration samples and every option."""
-    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    h = large.fingerprint(model)
     for name in sorted(arrays):
         h.update(name.encode())
         h.update(np.ascontiguousarray(arrays[name]).tobytes())

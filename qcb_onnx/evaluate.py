@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from . import large
 from .data import Preprocess
 from .errors import UsageError
 from .load import default_opset
@@ -81,10 +82,10 @@ def ort_quantize(
     if a_bits not in (4, 8):
         raise UsageError("ORT's quantize_static always quantizes activations: give --a-bits 8 or 4")
     if (w_bits == 4 or a_bits == 4) and (default_opset(model) or 0) < 21:
-        model = onnx.version_converter.convert_version(model, 21)
+        model = large.convert_version(model, 21)
     with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         src, dst = Path(tmp) / "fp.onnx", Path(tmp) / "q.onnx"
-        onnx.save(model, src)
+        large.save(model, src)
         quantize_static(
             str(src),
             str(dst),
@@ -93,8 +94,9 @@ def ort_quantize(
             per_channel=per_channel,
             activation_type=QuantType.QUInt8 if a_bits == 8 else QuantType.QUInt4,
             weight_type=QuantType.QInt8 if w_bits == 8 else QuantType.QInt4,
+            use_external_data_format=large.is_large(model),
         )
-        return onnx.load(dst)
+        return onnx.load(dst)  # external data (if any) is read here, before the folder goes
 
 
 @contextlib.contextmanager

@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import onnx
 
+from . import large
 from .errors import OutputExistsError, UsageError
 
 
-def write_atomic(model: onnx.ModelProto, out: Path, force: bool) -> None:
-    """Save to a temporary file in the destination folder, then rename: a crash or Ctrl-C at any
-    point leaves either the old file or the new one, never half of one."""
-    if out.exists() and not force:
-        raise OutputExistsError(f"output {out} exists; pass --force to overwrite it")
-    if not out.parent.exists():
+def write_atomic(model: onnx.ModelProto, out: Path, force: bool) -> list[Path]:
+    """Save into a temporary folder beside `out`, then rename into place: a crash or Ctrl-C at any
+    point leaves the old files or the new ones, never half of one.
+
+    A model over 2 GB is written as `out` + `out.data` (external data); the data file is renamed
+    first, so a model file that exists always has its data.  Returns the files written."""
+    out = Path(out)
+    if not out.parent.is_dir():
         raise UsageError(f"output folder does not exist: {out.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    targets = [out, large.data_file(out)] if large.is_large(model) else [out]
+    for target in targets:
+        if target.exists() and not force:
+            raise OutputExistsError(f"output {target} exists; pass --force to overwrite it")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        onnx.save(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        written = large.save(model, tmp / out.name)
+        for path in written:  # the model file comes last
+            os.replace(path, out.parent / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out.parent / p.name for p in written]

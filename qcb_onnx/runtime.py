@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from . import large
 from .errors import UsageError
 
 
@@ -79,5 +80,10 @@ def session(model: onnx.ModelProto | str, providers: str | list[str] = "auto", t
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(data, opts, providers=resolve_providers(providers))
+    providers = resolve_providers(providers)
+    if not isinstance(model, onnx.ModelProto):
+        return ort.InferenceSession(model, opts, providers=providers)
+    if large.is_large(model):  # ORT reads external data only from files; the session keeps what it needs
+        with large.on_disk(model) as path:
+            return ort.InferenceSession(path, opts, providers=providers)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)

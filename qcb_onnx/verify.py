@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import torch
 
+from . import large
 from .capture import GraphModule
 from .emit import read_weight_ints
 from .errors import VerificationError
@@ -24,7 +25,7 @@ def verify(
 ) -> float:
     """Raise VerificationError on any failed check; return top-1 agreement ORT vs simulation."""
     try:
-        onnx.checker.check_model(qdq, full_check=True)
+        large.check_model(qdq, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"written model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
     for name, wq in state.weights.items():
