@@ -36,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="FP32 .onnx file")
     c.add_argument("--calib", required=True, help=".npy, .npz, image folder or .tar[.gz] ImageFolder (path[:split])")
     c.add_argument("--out", required=True, help="output .onnx path")
-    c.add_argument("--method", choices=["efrap", "adaround", "nearest"], default="efrap")
+    c.add_argument(
+        "--method",
+        choices=["efrap", "adaround", "nearest", "efrap-official"],
+        default="efrap",
+        help="efrap (default, fast moment-based), adaround, nearest, or efrap-official: the official "
+        "data-driven schedule, for reference (use --iters 10000; hours on a CPU)",
+    )
     c.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8 (default 8)")
     c.add_argument("--a-bits", type=_bits_or_none, default=8, help="activation bits: 8, 4 or none (default 8)")
     g = c.add_mutually_exclusive_group()
@@ -49,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="for image data: size=HxW,scale=..,mean=a/b/c,std=a/b/c,layout=NCHW",
     )
-    c.add_argument("--iters", type=int, default=1000, help="optimiser steps per layer and strength (official: 10000)")
+    c.add_argument(
+        "--iters", type=int, default=None, help="optimiser steps per layer (default 1000; efrap-official 10000)"
+    )
     c.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3 * 10000 / iters)")
     c.add_argument(
         "--strength",

@@ -28,6 +28,7 @@ from .verify import verify
 from .weights import Checkpoint, LayerReport, round_layers
 
 DEFAULT_ITERS = 1000
+OFFICIAL_ITERS = 10000  # the official code's steps per layer, the default of method "efrap-official"
 DEFAULT_MAX_ROWS = 1 << 16
 DEFAULT_BATCH = 64
 
@@ -73,7 +74,7 @@ def quantize(
     per_channel: bool = True,
     calib_method: str = "minmax",
     calib_size: int | None = 1024,
-    iters: int = DEFAULT_ITERS,
+    iters: int | None = None,
     lr: float | None = None,
     strength: float | None = None,
     error_budget: float = 0.25,
@@ -100,6 +101,8 @@ def quantize(
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if calib_method not in CALIB_METHODS:
         raise UsageError(f"unknown calibration method {calib_method!r}; choose one of {', '.join(CALIB_METHODS)}")
+    if iters is None:
+        iters = OFFICIAL_ITERS if method == "efrap-official" else DEFAULT_ITERS
     if iters < 1 or batch_size < 1 or max_rows < 1:
         raise UsageError("--iters, --batch-size and --max-rows must be positive")
     if isinstance(preprocess, str):

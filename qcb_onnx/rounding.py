@@ -24,7 +24,7 @@ import torch
 from .moments import Moments
 from .scheme import Grid
 
-METHODS = ("efrap", "adaround", "nearest")
+METHODS = ("efrap", "adaround", "nearest", "efrap-official")
 STRENGTH_GRID = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
 
 

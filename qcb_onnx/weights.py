@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from .capture import GraphModule
 from .moments import collect_moments
+from .official import collect_inputs, fused_relu, solve_official
 from .plan import Layer, QuantPlan
 from .quantsim import QuantState, WeightQuant, quantize_bias
-from .rounding import LayerProblem, LayerResult, RoundingConfig, solve
+from .rounding import LayerProblem, RoundingConfig, solve
 from .scheme import Grid, broadcast_scale, scaled, weight_grid, weight_scales
 
 
@@ -107,20 +108,25 @@ def round_layers(
             _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid))
             reports.append(report)
             continue
-        if config.method != "nearest":
-            problem.moments = collect_moments(
-                gm,
-                layer,
-                w.shape,
-                problem.weight,
-                batches(),
-                state.params(gm.device),
-                state.hook(),
-                max_rows,
-                n_images,
-                seed,
-            )
-        result: LayerResult = solve(problem, config, seed=seed + layer.index)
+        if config.method == "efrap-official":
+            inputs = collect_inputs(gm, layer, batches(), state.params(gm.device), state.hook())
+            relu = fused_relu(gm, layer, plan.removed_relus)
+            result = solve_official(problem, gm, layer, w.shape, relu, inputs, config, seed + layer.index)
+        else:
+            if config.method != "nearest":
+                problem.moments = collect_moments(
+                    gm,
+                    layer,
+                    w.shape,
+                    problem.weight,
+                    batches(),
+                    state.params(gm.device),
+                    state.hook(),
+                    max_rows,
+                    n_images,
+                    seed,
+                )
+            result = solve(problem, config, seed=seed + layer.index)
         ints_c = np.clip(problem.floor.cpu().numpy() + result.up, grid.qmin, grid.qmax)
         ints = from_canonical(ints_c, layer, w.shape).astype(np.int32)
         _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid))

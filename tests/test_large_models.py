@@ -79,9 +79,10 @@ def test_save_writes_external_data_and_leaves_the_model_alone(tmp_path, small_li
     got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, want)
     reloaded = load_model(tmp_path / "m.onnx")  # our hardened loader accepts what we write
-    assert numpy_helper.to_array(reloaded.graph.initializer[2]).tobytes() == numpy_helper.to_array(
-        model.graph.initializer[2]
-    ).tobytes()
+    assert (
+        numpy_helper.to_array(reloaded.graph.initializer[2]).tobytes()
+        == numpy_helper.to_array(model.graph.initializer[2]).tobytes()
+    )
 
 
 def test_checker_and_version_converter_on_the_skeleton(small_limit, monkeypatch):

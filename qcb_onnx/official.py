@@ -1,0 +1,119 @@
+"""EFRAP as the official code schedules it: data-driven, 10,000 Adam steps per layer on batches of 32.
+
+This is the reference our fast mode (`rounding.py`, moment-based objective with a per-layer strength
+search) is measured against in `benchmarks/convert_cost.py`; it is not meant for everyday use (hours
+per ResNet-18 on a 2-core CPU).  Per layer, following docs/efrap.md §3:
+
+* inputs x~ from the already quantized prefix and x from the FP model are cached for every
+  calibration image; each step draws `batch` random images;
+* L_ap = sum over output channels, mean over images and positions, of (act(W~ x~ + b) - act(W x + b))^2,
+  act = the Relu ORT fuses into the layer, if any (the following activation fake-quantizer of the
+  official code, whose scale it also learns, is not modelled);
+* L_flip = sum |e_ij| * BCE(h(V_ij), flipped_ij), |e| in weight units, coefficient 1;
+* L_reg = 0.01 * sum(1 - |2 h(V) - 1|^2), h = sigmoid (zeta = 1, gamma = 0);
+* Adam, lr 1e-3 (or `RoundingConfig.learning_rate`), V initialised so that h(V) = frac(W / s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from .capture import GraphModule
+from .moments import layer_rows
+from .plan import Layer
+from .rounding import LayerProblem, LayerResult, RoundingConfig, hard_weight
+
+FLIP_WEIGHT = 1.0
+REG_WEIGHT = 0.01
+BATCH = 32
+
+
+def collect_inputs(
+    gm: GraphModule,
+    layer: Layer,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    quant_params: Mapping[str, torch.Tensor],
+    quant_hook,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's input for every calibration image: from the quantized prefix, and from the FP model."""
+    xq, xf = [], []
+    with torch.no_grad():
+        for feeds in batches:
+            xf.append(gm.run(feeds, outputs=[layer.input])[layer.input])
+            xq.append(gm.run(feeds, params=quant_params, on_tensor=quant_hook, outputs=[layer.input])[layer.input])
+    return torch.cat(xq), torch.cat(xf)
+
+
+def solve_official(
+    problem: LayerProblem,
+    gm: GraphModule,
+    layer: Layer,
+    weight_shape: tuple[int, ...],
+    relu: bool,
+    inputs: tuple[torch.Tensor, torch.Tensor],
+    config: RoundingConfig,
+    seed: int,
+) -> LayerResult:
+    """The official per-layer optimisation; returns hard decisions and their error relative to nearest
+    (the same data-driven loss, over all cached images)."""
+    node = gm.nodes[layer.index]
+    x_q, x_fp = inputs
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    dtype = torch.float32
+    g = problem.groups
+    out, d = problem.weight.shape
+    w = problem.weight.to(dtype)
+    scale, floor = problem.scale.to(dtype), problem.floor.to(dtype)
+    b = None if layer.bias is None else gm.params[layer.bias].detach().to(dtype).reshape(g, 1, out // g)
+    frac = (problem.weight / problem.scale - problem.floor).clamp(1e-4, 1 - 1e-4)
+    v = torch.log(frac / (1 - frac)).to(dtype).requires_grad_(True)
+    flipped = (1.0 - problem.nearest_up).to(dtype)
+    error = (w - hard_weight(problem, problem.nearest_up).to(dtype)).abs()  # |e| in weight units
+    opt = torch.optim.Adam([v], lr=config.learning_rate)
+    qmin, qmax = problem.grid.qmin, problem.grid.qmax
+
+    def forward(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(rows, out): the layer's output at every (image, position), fused Relu included."""
+        rows = layer_rows(node, weight_shape, x).to(dtype)
+        y = rows.reshape(-1, g, d).transpose(0, 1) @ weight.reshape(g, out // g, d).transpose(1, 2)
+        if b is not None:
+            y = y + b
+        y = y.transpose(0, 1).reshape(-1, out)
+        return torch.relu(y) if relu else y
+
+    n = len(x_q)
+    for _ in range(config.iters):
+        idx = torch.randint(0, n, (min(BATCH, n),), generator=gen).to(x_q.device)
+        with torch.no_grad():
+            target = forward(w, x_fp[idx])
+        h = torch.sigmoid(v)
+        wq = torch.clamp(floor + h, qmin, qmax) * scale
+        rec = (forward(wq, x_q[idx]) - target).pow(2).sum(-1).mean()
+        bce = torch.nn.functional.binary_cross_entropy(h.clamp(1e-6, 1 - 1e-6), flipped, reduction="none")
+        loss = rec + FLIP_WEIGHT * (error * bce).sum() + REG_WEIGHT * (1 - (2 * h - 1).abs().pow(2)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with torch.no_grad():
+        up = (v >= 0).double()
+
+        def data_error(weight: torch.Tensor) -> float:
+            total = 0.0
+            for i in range(0, n, 256):
+                total += float((forward(weight, x_q[i : i + 256]) - forward(w, x_fp[i : i + 256])).pow(2).sum())
+            return total
+
+        base = max(data_error(hard_weight(problem, problem.nearest_up).to(dtype)), 1e-30)
+        err = data_error(hard_weight(problem, up).to(dtype)) / base
+        q = torch.clamp(problem.floor + up, qmin, qmax)
+        flips = (q != torch.clamp(problem.floor + problem.nearest_up, qmin, qmax)).double().mean().item()
+    return LayerResult(up.to(torch.uint8).cpu().numpy(), flips, err, FLIP_WEIGHT)
+
+
+def fused_relu(gm: GraphModule, layer: Layer, removed_relus: Mapping[str, str]) -> bool:
+    """Whether ORT fuses a Relu into this layer (the plan removed the Relu that reads its output)."""
+    return gm.nodes[layer.index].output[0] in set(removed_relus.values())
