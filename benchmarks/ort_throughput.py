@@ -4,7 +4,8 @@
 
 Quantizes MODEL with ORT's quantize_static (QDQ, W8A8 per channel) and with qcb-onnx (W8A8 per channel;
 `--method nearest` by default: the emitted graph has the same structure whatever the rounding
-method), checks that ORT's CPU EP fuses both into QLinearConv, and reports the median images/s
+method); with `--w4` also at 4-bit weights (INT4 tensors, the same integers in INT8 tensors via
+`--int8-storage`, and W4A4), checks that ORT's CPU EP fuses both into QLinearConv, and reports the median images/s
 of `--repeats` timed passes over `--images` random inputs after one warm-up pass, with 2 intra-op threads.
 """
 
@@ -56,20 +57,35 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--images", type=int, default=4096)
     ap.add_argument("--method", default="nearest")
+    ap.add_argument("--w4", action="store_true", help="also 4-bit weights: INT4, INT4 in INT8 tensors, W4A4")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "ort_throughput.json"))
     args = ap.parse_args()
     fp = onnx.load(args.model)
     calib = np.load(args.calib)
     x = np.random.default_rng(0).random((args.images, *calib.shape[1:]), dtype=np.float32)
+    c = calib[:256]
     models = {
         "fp32": fp,
-        "ort quantize_static W8A8": ort_quantize(fp, calib[:256], 8, 8, True),
-        f"qcb-onnx {args.method} W8A8": convert(fp, calib[:256], method=args.method, providers="cpu"),
+        "ort quantize_static W8A8": ort_quantize(fp, c, 8, 8, True),
+        f"qcb-onnx {args.method} W8A8": convert(fp, c, method=args.method, providers="cpu"),
     }
+    if args.w4:
+        models |= {
+            "ort quantize_static W4A8 (INT4)": ort_quantize(fp, c, 4, 8, True),
+            f"qcb-onnx {args.method} W4A8 (INT4)": convert(fp, c, method=args.method, w_bits=4, providers="cpu"),
+            f"qcb-onnx {args.method} W4A8 --int8-storage": convert(
+                fp, c, method=args.method, w_bits=4, int8_storage=True, providers="cpu"
+            ),
+            f"qcb-onnx {args.method} W4A4 (INT4/UINT4)": convert(
+                fp, c, method=args.method, w_bits=4, a_bits=4, providers="cpu"
+            ),
+        }
     rows = []
     for label, model in models.items():
         rate, ops = throughput(model, x, args.batch, args.repeats)
         fused = sorted(ops & {"QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool"})
+        if "Conv" in ops:
+            fused.append("float Conv (unfused)")
         rows.append({"model": label, "images_per_s": round(rate, 1), "fused_ops": fused, "batch": args.batch})
         print(f"| {label} | {rate:.1f} | {', '.join(fused) or '-'} |", flush=True)
     Path(args.json).write_text(json.dumps({"source": args.model, "rows": rows}, indent=1))

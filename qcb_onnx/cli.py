@@ -41,13 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["efrap", "adaround", "nearest", "efrap-official"],
         default="efrap",
         help="efrap (default, fast moment-based), adaround, nearest, or efrap-official: the official "
-        "data-driven schedule, for reference (use --iters 10000; hours on a CPU)",
+        "data-driven schedule (10,000 steps per layer by default), for reference: hours on a CPU",
     )
     c.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8 (default 8)")
     c.add_argument("--a-bits", type=_bits_or_none, default=8, help="activation bits: 8, 4 or none (default 8)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True, help="(default)")
     g.add_argument("--per-tensor", dest="per_channel", action="store_false")
+    c.add_argument(
+        "--int8-storage",
+        action="store_true",
+        help="store 2-4 bit weights in INT8 tensors (same integers): ORT's CPU EP then fuses them into "
+        "QLinearConv/QGemm, which it does not do for INT4 (see BENCHMARKS.md)",
+    )
     c.add_argument("--calib-method", choices=["minmax", "percentile", "mse"], default="minmax")
     c.add_argument("--calib-size", type=int, default=1024, help="calibration samples drawn (seeded) (default 1024)")
     c.add_argument(
@@ -136,6 +142,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         w_bits=args.w_bits,
         a_bits=args.a_bits,
         per_channel=args.per_channel,
+        int8_storage=args.int8_storage,
         calib_method=args.calib_method,
         calib_size=args.calib_size,
         iters=args.iters,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto
 
 from . import __version__, large
 from .calibrate import CALIB_METHODS, calibrate_activations
@@ -72,6 +73,7 @@ def quantize(
     w_bits: int = 8,
     a_bits: int | None = 8,
     per_channel: bool = True,
+    int8_storage: bool = False,
     calib_method: str = "minmax",
     calib_size: int | None = 1024,
     iters: int | None = None,
@@ -113,7 +115,7 @@ def quantize(
 
     # load + normalize
     src = load_model(model)
-    target_opset = 21 if (w_bits <= 4 or a_bits == 4) else 13
+    target_opset = 21 if ((w_bits <= 4 and not int8_storage) or a_bits == 4) else 13
     normalized = normalize(src)
     if (default_opset(normalized) or 0) < target_opset:
         normalized = large.convert_version(normalized, target_opset)
@@ -164,10 +166,15 @@ def quantize(
     )
 
     # emit
+    if int8_storage:  # same integers and scales in INT8 containers: ORT's CPU EP fuses those, not INT4
+        state.weights = {
+            k: replace(wq, grid=replace(wq.grid, onnx_type=TensorProto.INT8)) for k, wq in state.weights.items()
+        }
     metadata = {
         "version": __version__,
         "method": method,
         "w_bits": str(w_bits),
+        "weight_storage": "int8" if (int8_storage or w_bits > 4) else "int4",
         "a_bits": "none" if a_bits is None else str(a_bits),
         "scheme": ("per-channel" if per_channel else "per-tensor")
         + " symmetric int weights, asymmetric uint activations",

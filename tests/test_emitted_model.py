@@ -83,6 +83,26 @@ def test_int8_model_fuses_into_qlinear_ops(converted, tmp_path):
     assert "Conv" not in ops
 
 
+def test_int8_storage_holds_the_same_4bit_integers_and_fuses(converted, qcb_model, digits, tmp_path):
+    """--int8-storage writes the W4 model's very integers in INT8 tensors (opset 13, no INT4), which
+    ORT's CPU EP fuses into QLinearConv; predictions match the INT4 model's."""
+    int4 = converted[(4, 8)]
+    int8 = convert(onnx.load(qcb_model), digits[0][:256], w_bits=4, iters=300, int8_storage=True, providers="cpu")
+    weights = [t for t in int8.graph.initializer if t.name.endswith("weight_quantized")]
+    assert weights and all(t.data_type == TensorProto.INT8 for t in weights)
+    assert max(o.version for o in int8.opset_import if o.domain in ("", "ai.onnx")) < 21
+    for t in weights:
+        name = t.name[: -len("_quantized")]
+        np.testing.assert_array_equal(read_weight_ints(int8, name), read_weight_ints(int4, name))
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(int8.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops
+    agree = (predict(int8, digits[2], providers="cpu") == predict(int4, digits[2], providers="cpu")).mean()
+    assert agree > 0.99
+
+
 def test_unnamed_nodes_survive_relu_folding():
     """Graphs whose nodes have no names (hand-built models) keep every node but the folded Relus."""
     from onnx import helper
