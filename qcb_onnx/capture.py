@@ -962,6 +962,14 @@ class _Step:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Frontier:
+    """A paused run of the graph on one batch: the live tensors once ``nodes[:next]`` have run."""
+
+    env: dict[str, Tensor]
+    next: int = 0
+
+
 class GraphModule:
     """An ONNX graph executed with torch ops: hookable, overridable, differentiable.
 
@@ -1033,15 +1041,45 @@ class GraphModule:
                 topological order and execution stops once every requested tensor exists; later
                 nodes are never executed.
         """
-        wanted = list(self.output_names if outputs is None else outputs)
+        frontier = Frontier(self._input_values(feeds, on_tensor))
+        return self._advance(frontier, params, on_tensor, list(self.output_names if outputs is None else outputs))
+
+    def start(self, feeds: Mapping[str, Tensor], on_tensor: Callable[[str, Tensor], Tensor] | None = None) -> Frontier:
+        """A run paused before its first node; continue it with :meth:`resume`."""
+        return Frontier(self._input_values(feeds, on_tensor))
+
+    def resume(
+        self,
+        frontier: Frontier,
+        outputs: Sequence[str],
+        *,
+        params: Mapping[str, Tensor] | None = None,
+        on_tensor: Callable[[str, Tensor], Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Continue a paused run until ``outputs`` exist, pause it there again, return them.
+
+        Layer-by-layer quantization asks for layer after layer's input; resuming runs every node
+        once per batch over the whole loop instead of re-running the prefix for each layer.  Only
+        valid while what the nodes already run read is unchanged: ``params`` may differ between
+        calls only for nodes not yet run (the next layers' weights), ``on_tensor`` not at all.
+        """
+        return self._advance(frontier, params, on_tensor, list(outputs))
+
+    def _advance(
+        self,
+        frontier: Frontier,
+        params: Mapping[str, Tensor] | None,
+        on_tensor: Callable[[str, Tensor], Tensor] | None,
+        wanted: list[str],
+    ) -> dict[str, Tensor]:
         for name in wanted:
             if name not in self._producer and name not in self.params and name not in self._inputs:
                 raise UsageError(f"unknown tensor '{name}' requested from the graph")
         values = self._parameter_values(params)
-        env = self._input_values(feeds, on_tensor)
+        env = frontier.env
         keep = set(wanted)
         stop = max((self._producer.get(name, -1) for name in wanted), default=-1)
-        for i in range(stop + 1):
+        for i in range(frontier.next, stop + 1):
             node, step = self.nodes[i], self._steps[i]
             args = [self._lookup(name, env, values) if name else None for name in node.input]
             try:
@@ -1059,6 +1097,7 @@ class GraphModule:
             for name in step.release:
                 if name not in keep:
                     env.pop(name, None)
+        frontier.next = max(frontier.next, stop + 1)
         return {name: self._lookup(name, env, values) for name in wanted}
 
     # ---- internals ---------------------------------------------------------------------------

@@ -79,9 +79,8 @@ def _skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[TensorProto
     return skeleton, big
 
 
-def _as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+def _as_inputs(skeleton: onnx.ModelProto, big: list[TensorProto]) -> onnx.ModelProto:
     """The skeleton with each large initializer declared as a graph input of its type and shape."""
-    skeleton, big = _skeleton(model)
     declared = {i.name for i in skeleton.graph.input}
     for tensor in big:
         if tensor.name not in declared:
@@ -91,7 +90,7 @@ def _as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def check_model(model: onnx.ModelProto, full_check: bool = True) -> None:
     """onnx.checker.check_model, for models of any size."""
-    onnx.checker.check_model(_as_inputs(model) if is_large(model) else model, full_check=full_check)
+    onnx.checker.check_model(_as_inputs(*_skeleton(model)) if is_large(model) else model, full_check=full_check)
 
 
 def convert_version(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -100,7 +99,7 @@ def convert_version(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         return onnx.version_converter.convert_version(model, opset)
     skeleton, big = _skeleton(model)
     names = {t.name for t in big}
-    converted = onnx.version_converter.convert_version(_as_inputs(model), opset)
+    converted = onnx.version_converter.convert_version(_as_inputs(skeleton, big), opset)
     inputs = [i for i in converted.graph.input if i.name not in names]
     del converted.graph.input[:]
     converted.graph.input.extend(inputs)

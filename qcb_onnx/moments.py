@@ -14,7 +14,7 @@ subsampled (seeded) so the work per layer is bounded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import onnx
@@ -81,14 +81,12 @@ def collect_moments(
     layer: Layer,
     weight_shape: tuple[int, ...],
     weight: torch.Tensor,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    quant_params: Mapping[str, torch.Tensor],
-    quant_hook,
+    inputs: Iterable[tuple[torch.Tensor, torch.Tensor]],
     max_rows: int,
     n_images: int,
     seed: int,
 ) -> Moments:
-    """Run the FP model and the quantized-prefix model up to the layer and accumulate A, Q, c.
+    """Accumulate A, Q, c over the layer's (FP input, quantized-prefix input) batch pairs.
 
     `weight` is the canonical (out, d) FP weight (rows grouped by conv group)."""
     node = gm.nodes[layer.index]
@@ -98,10 +96,7 @@ def collect_moments(
     A = Q = None
     const = 0.0
     rows_total = 0
-    for feeds in batches:
-        with torch.no_grad():
-            x_fp = gm.run(feeds, outputs=[layer.input])[layer.input]
-            x_q = gm.run(feeds, params=quant_params, on_tensor=quant_hook, outputs=[layer.input])[layer.input]
+    for x_fp, x_q in inputs:
         r_fp = layer_rows(node, weight_shape, x_fp)
         r_q = layer_rows(node, weight_shape, x_q)
         batch_n = x_fp.shape[0] if x_fp.dim() > 1 else 1

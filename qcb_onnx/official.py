@@ -30,36 +30,22 @@ REG_WEIGHT = 0.01
 BATCH = 32
 
 
-def collect_inputs(
-    gm: GraphModule,
-    layer: Layer,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    quant_params: Mapping[str, torch.Tensor],
-    quant_hook,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's input for every calibration image: from the quantized prefix, and from the FP model."""
-    xq, xf = [], []
-    with torch.no_grad():
-        for feeds in batches:
-            xf.append(gm.run(feeds, outputs=[layer.input])[layer.input])
-            xq.append(gm.run(feeds, params=quant_params, on_tensor=quant_hook, outputs=[layer.input])[layer.input])
-    return torch.cat(xq), torch.cat(xf)
-
-
 def solve_official(
     problem: LayerProblem,
     gm: GraphModule,
     layer: Layer,
     weight_shape: tuple[int, ...],
     relu: bool,
-    inputs: tuple[torch.Tensor, torch.Tensor],
+    inputs: Iterable[tuple[torch.Tensor, torch.Tensor]],
     config: RoundingConfig,
     seed: int,
 ) -> LayerResult:
     """The official per-layer optimisation; returns hard decisions and their error relative to nearest
     (the same data-driven loss, over all cached images)."""
     node = gm.nodes[layer.index]
-    x_q, x_fp = inputs
+    pairs = list(inputs)  # cached for every calibration image, as the official code does
+    x_fp, x_q = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    del pairs
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     dtype = torch.float32

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .capture import GraphModule
 from .moments import collect_moments
-from .official import collect_inputs, fused_relu, solve_official
+from .official import fused_relu, solve_official
 from .plan import Layer, QuantPlan
 from .quantsim import QuantState, WeightQuant, quantize_bias
 from .rounding import LayerProblem, RoundingConfig, solve
@@ -96,6 +96,7 @@ def round_layers(
     saved to it, so a killed run resumes where it stopped with the same integers (each layer's
     randomness is seeded by the seed and the layer's position, not by what ran before)."""
     grid = weight_grid(w_bits)
+    prefix = Prefix(gm, batches())
     reports = []
     done = checkpoint.load() if checkpoint else {}
     bar = tqdm(plan.layers, desc=f"{config.method} rounding", unit="layer", disable=not progress)
@@ -109,23 +110,13 @@ def round_layers(
             reports.append(report)
             continue
         if config.method == "efrap-official":
-            inputs = collect_inputs(gm, layer, batches(), state.params(gm.device), state.hook())
+            inputs = prefix.inputs(layer.input, state)
             relu = fused_relu(gm, layer, plan.removed_relus)
             result = solve_official(problem, gm, layer, w.shape, relu, inputs, config, seed + layer.index)
         else:
             if config.method != "nearest":
-                problem.moments = collect_moments(
-                    gm,
-                    layer,
-                    w.shape,
-                    problem.weight,
-                    batches(),
-                    state.params(gm.device),
-                    state.hook(),
-                    max_rows,
-                    n_images,
-                    seed,
-                )
+                inputs = prefix.inputs(layer.input, state)
+                problem.moments = collect_moments(gm, layer, w.shape, problem.weight, inputs, max_rows, n_images, seed)
             result = solve(problem, config, seed=seed + layer.index)
         ints_c = np.clip(problem.floor.cpu().numpy() + result.up, grid.qmin, grid.qmax)
         ints = from_canonical(ints_c, layer, w.shape).astype(np.int32)
@@ -137,6 +128,30 @@ def round_layers(
             done[layer.weight] = (ints, reports[-1])
             checkpoint.save(done)
     return reports
+
+
+class Prefix:
+    """The calibration batches run up to the current layer, through the FP model and through the
+    quantized prefix, paused there (`capture.Frontier`).  Each layer resumes where the previous one
+    stopped: the layer loop runs every node once per batch and pass, not once per layer, so its
+    cost grows linearly with depth.  Valid because a layer's integers only change nodes not yet run.
+    """
+
+    def __init__(self, gm: GraphModule, batches: Sequence[dict[str, torch.Tensor]]) -> None:
+        self.gm = gm
+        self.batches = batches
+        self.fp = [gm.start(b) for b in batches]
+        self.quantized: list | None = None  # started with the activation hook, on first use
+
+    def inputs(self, tensor: str, state: QuantState) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(FP, quantized-prefix) values of `tensor`, batch by batch."""
+        gm, params, hook = self.gm, state.params(self.gm.device), state.hook()
+        if self.quantized is None:
+            self.quantized = [gm.start(b, on_tensor=hook) for b in self.batches]
+        with torch.no_grad():
+            for fp, q in zip(self.fp, self.quantized, strict=True):
+                x_fp = gm.resume(fp, [tensor])[tensor]
+                yield x_fp, gm.resume(q, [tensor], params=params, on_tensor=hook)[tensor]
 
 
 def _commit(state: QuantState, gm: GraphModule, layer: Layer, wq: WeightQuant) -> None:
