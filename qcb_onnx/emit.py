@@ -145,7 +145,7 @@ def emit_qdq(
     for inp in graph.input:
         ordered += qdq_after.get(inp.name, [])
     for node in nodes:
-        if node.op_type == "Relu" and node.output[0] in relu_aliases:
+        if node.op_type in ("Relu", "Clip") and node.output[0] in relu_aliases:
             continue
         produced = list(node.output)
         ordered.append(rewire(node))

@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import onnx
+from onnx import numpy_helper
 
 from .errors import UnsupportedModelError
 
@@ -81,7 +82,8 @@ class QuantPlan:
     layers: list[Layer]
     activations: list[str]  # tensors that get a Q/DQ pair, in graph order
     stats_source: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose range it uses
-    removed_relus: dict[str, str] = field(default_factory=dict)  # relu output tensor -> its input tensor
+    # output -> input of each Relu / Clip(0, max) folded into the Q of the op before it (`folds_into_q`)
+    removed_relus: dict[str, str] = field(default_factory=dict)
     # outputs of MaxPool/Reshape/...: same scale and zero point as their input.  At 4 bits they are
     # stored as uint8 (still on the 4-bit grid): with uint4 on both sides ORT's optimizer drops the
     # Q/DQ pair and runs MaxPool on uint4, which its CPU EP rejects (as quantize_static's A4 output is).
@@ -125,6 +127,28 @@ def find_layers(nodes: list[onnx.NodeProto], initializers: dict[str, onnx.Tensor
     return layers
 
 
+def folds_into_q(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
+    """Relu, or a Clip whose lower bound is 0 (ReLU6): a uint Q calibrated on its output has zero point
+    0 and saturates exactly where the activation clips, so the node adds nothing after the Q.  ORT
+    folds these (its ClipQuantFusion throws on UINT4, so we must fold Clip ourselves at 4 bits)."""
+    if node.op_type == "Relu":
+        return True
+    if node.op_type != "Clip":
+        return False
+    bounds = []
+    for i, attr in ((1, "min"), (2, "max")):
+        name = node.input[i] if len(node.input) > i else ""
+        if name:
+            if name not in initializers:
+                return False  # a bound computed at run time
+            bounds.append(float(numpy_helper.to_array(initializers[name]).reshape(-1)[0]))
+        else:
+            found = [a.f for a in node.attribute if a.name == attr]  # opset < 11
+            bounds.append(found[0] if found else None)
+    lo, hi = bounds
+    return lo == 0.0 and (hi is None or hi > 0.0)
+
+
 def build_plan(
     nodes: list[onnx.NodeProto],
     initializers: dict[str, onnx.TensorProto],
@@ -160,7 +184,7 @@ def build_plan(
             mark(name)
     for node in nodes:
         producer = producers.get(node.input[0])
-        if node.op_type == "Relu" and producer is not None and producer.op_type in QUANTIZED_OPS - {"Relu"}:
+        if folds_into_q(node, initializers) and producer is not None and producer.op_type in QUANTIZED_OPS - {"Relu"}:
             src = node.input[0]
             if len(consumers[src]) == 1 and src not in graph_outputs:
                 plan.removed_relus[node.output[0]] = src
