@@ -170,6 +170,7 @@ def plot_scaling(record: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot([r["calib_size"] for r in calib], [r["seconds"] for r in calib], "o-")
     a.set(xlabel="calibration images", ylabel="convert wall time (s)", title=f"ResNet-18 w{calib[0]['width']}")
+    a.set_ylim(bottom=0)
     b.loglog([r["params"] for r in width], [r["seconds"] for r in width], "o-", label="measured")
     p0, t0 = width[0]["params"], width[0]["seconds"]
     b.loglog([r["params"] for r in width], [t0 * r["params"] / p0 for r in width], "--", label="linear in parameters")
