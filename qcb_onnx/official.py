@@ -7,7 +7,7 @@ per ResNet-18 on a 2-core CPU).  Per layer, following docs/efrap.md §3:
 * inputs x~ from the already quantized prefix and x from the FP model are cached for every
   calibration image; each step draws `batch` random images;
 * L_ap = sum over output channels, mean over images and positions, of (act(W~ x~ + b) - act(W x + b))^2,
-  act = the Relu ORT fuses into the layer, if any (the following activation fake-quantizer of the
+  act = the Relu or ReLU6 ORT fuses into the layer, if any (the following activation fake-quantizer of the
   official code, whose scale it also learns, is not modelled);
 * L_flip = sum |e_ij| * BCE(h(V_ij), flipped_ij), |e| in weight units, coefficient 1;
 * L_reg = 0.01 * sum(1 - |2 h(V) - 1|^2), h = sigmoid (zeta = 1, gamma = 0);
@@ -16,7 +16,7 @@ per ResNet-18 on a 2-core CPU).  Per layer, following docs/efrap.md §3:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -35,7 +35,7 @@ def solve_official(
     gm: GraphModule,
     layer: Layer,
     weight_shape: tuple[int, ...],
-    relu: bool,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None,
     inputs: Iterable[tuple[torch.Tensor, torch.Tensor]],
     config: RoundingConfig,
     seed: int,
@@ -68,7 +68,7 @@ def solve_official(
         if b is not None:
             y = y + b
         y = y.transpose(0, 1).reshape(-1, out)
-        return torch.relu(y) if relu else y
+        return activation(y) if activation is not None else y
 
     n = len(x_q)
     for _ in range(config.iters):
@@ -100,6 +100,15 @@ def solve_official(
     return LayerResult(up.to(torch.uint8).cpu().numpy(), flips, err, FLIP_WEIGHT)
 
 
-def fused_relu(gm: GraphModule, layer: Layer, removed_relus: Mapping[str, str]) -> bool:
-    """Whether ORT fuses a Relu into this layer (the plan removed the Relu that reads its output)."""
-    return gm.nodes[layer.index].output[0] in set(removed_relus.values())
+def fused_activation(
+    gm: GraphModule, layer: Layer, removed_relus: Mapping[str, str]
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The Relu / ReLU6 that ORT fuses into this layer (the plan folded it into the layer's Q), if any."""
+    out = gm.nodes[layer.index].output[0]
+    node = next((n for n in gm.nodes if n.output and removed_relus.get(n.output[0]) == out), None)
+    if node is None:
+        return None
+    if node.op_type == "Clip" and len(node.input) > 2 and node.input[2]:
+        top = float(gm.params[node.input[2]].reshape(-1)[0])
+        return lambda y: y.clamp(0.0, top)
+    return torch.relu

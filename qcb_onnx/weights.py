@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .capture import GraphModule
 from .moments import collect_moments
-from .official import fused_relu, solve_official
+from .official import fused_activation, solve_official
 from .plan import Layer, QuantPlan
 from .quantsim import QuantState, WeightQuant, quantize_bias
 from .rounding import LayerProblem, RoundingConfig, solve
@@ -111,8 +111,8 @@ def round_layers(
             continue
         if config.method == "efrap-official":
             inputs = prefix.inputs(layer.input, state)
-            relu = fused_relu(gm, layer, plan.removed_relus)
-            result = solve_official(problem, gm, layer, w.shape, relu, inputs, config, seed + layer.index)
+            act = fused_activation(gm, layer, plan.removed_relus)
+            result = solve_official(problem, gm, layer, w.shape, act, inputs, config, seed + layer.index)
         else:
             if config.method != "nearest":
                 inputs = prefix.inputs(layer.input, state)

@@ -163,4 +163,6 @@ def test_relu6_is_folded_into_the_quantizer(a_bits):
     assert sum(n.op_type == "Clip" for n in fp.graph.node) == 2
     q = convert(fp, x, method="nearest", w_bits=4, a_bits=a_bits, providers="cpu")  # verify() runs ORT
     assert not any(n.op_type == "Clip" for n in q.graph.node)
+    official = convert(fp, x, method="efrap-official", iters=5, w_bits=4, a_bits=a_bits, providers="cpu")
+    assert not any(n.op_type == "Clip" for n in official.graph.node)  # its loss clamps like ReLU6
     assert (predict(q, x, providers="cpu") == predict(fp, x, providers="cpu")).mean() > 0.8
