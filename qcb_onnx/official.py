@@ -23,7 +23,7 @@ import torch
 from .capture import GraphModule
 from .moments import layer_rows
 from .plan import Layer
-from .rounding import LayerProblem, LayerResult, RoundingConfig, hard_weight
+from .rounding import LayerProblem, LayerResult, RoundingConfig, hard_weight, layer_result
 
 FLIP_WEIGHT = 1.0
 REG_WEIGHT = 0.01
@@ -86,18 +86,14 @@ def solve_official(
 
     with torch.no_grad():
         up = (v >= 0).double()
-
-        def data_error(weight: torch.Tensor) -> float:
-            total = 0.0
-            for i in range(0, n, 256):
-                total += float((forward(weight, x_q[i : i + 256]) - forward(w, x_fp[i : i + 256])).pow(2).sum())
-            return total
-
-        base = max(data_error(hard_weight(problem, problem.nearest_up).to(dtype)), 1e-30)
-        err = data_error(hard_weight(problem, up).to(dtype)) / base
-        q = torch.clamp(problem.floor + up, qmin, qmax)
-        flips = (q != torch.clamp(problem.floor + problem.nearest_up, qmin, qmax)).double().mean().item()
-    return LayerResult(up.to(torch.uint8).cpu().numpy(), flips, err, FLIP_WEIGHT)
+        nearest_w = hard_weight(problem, problem.nearest_up).to(dtype)
+        chosen_w = hard_weight(problem, up).to(dtype)
+        base = err = 0.0
+        for i in range(0, n, 256):  # both roundings against the same FP targets, one pass
+            target = forward(w, x_fp[i : i + 256])
+            base += float((forward(nearest_w, x_q[i : i + 256]) - target).pow(2).sum())
+            err += float((forward(chosen_w, x_q[i : i + 256]) - target).pow(2).sum())
+    return layer_result(problem, up, err / max(base, 1e-30), FLIP_WEIGHT)
 
 
 def fused_activation(

@@ -96,10 +96,10 @@ def solve(problem: LayerProblem, config: RoundingConfig, seed: int = 0) -> Layer
     objective = Objective.build(problem)
     if config.method == "adaround":
         up, err = _optimise(problem, config, 0.0, base, seed, objective)
-        return _result(problem, up, err, 0.0)
+        return layer_result(problem, up, err, 0.0)
     if config.strength is not None:
         up, err = _optimise(problem, config, config.strength, base, seed, objective)
-        return _result(problem, up, err, config.strength)
+        return layer_result(problem, up, err, config.strength)
     # auto: the best reconstruction AdaRound finds (E0) anchors the budget between it and nearest (1.0)
     ada = replace(config, method="adaround", strength=0.0, beta=None, zeta=None, gamma=None)
     up0, err0 = _optimise(problem, ada, 0.0, base, seed, objective)
@@ -114,10 +114,10 @@ def solve(problem: LayerProblem, config: RoundingConfig, seed: int = 0) -> Layer
             hi = mid - 1
         else:
             lo = mid + 1
-    return _result(problem, *best)
+    return layer_result(problem, *best)
 
 
-def _result(problem: LayerProblem, up: torch.Tensor, err: float, strength: float) -> LayerResult:
+def layer_result(problem: LayerProblem, up: torch.Tensor, err: float, strength: float) -> LayerResult:
     g = problem.grid  # count changed integers: a decision clamped at the grid edge changes nothing
     q = torch.clamp(problem.floor + up, g.qmin, g.qmax)
     flips = (q != torch.clamp(problem.floor + problem.nearest_up, g.qmin, g.qmax)).double().mean().item()
