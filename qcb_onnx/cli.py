@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=["efrap", "adaround", "nearest", "efrap-official"],
         default="efrap",
-        help="efrap (default, fast moment-based), adaround, nearest, or efrap-official: the official "
-        "data-driven schedule (10,000 steps per layer by default), for reference: hours on a CPU",
+        help="efrap (default: one sequential rounding pass per strength, seconds per layer), adaround, "
+        "nearest, or efrap-official: the official data-driven Adam schedule (10,000 steps per layer by "
+        "default), for reference: hours on a CPU",
     )
     c.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8 (default 8)")
     c.add_argument("--a-bits", type=_bits_or_none, default=8, help="activation bits: 8, 4 or none (default 8)")
@@ -62,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="for image data: size=HxW,scale=..,mean=a/b/c,std=a/b/c,layout=NCHW",
     )
     c.add_argument(
-        "--iters", type=int, default=None, help="optimiser steps per layer (default 1000; efrap-official 10000)"
+        "--iters",
+        type=int,
+        default=None,
+        help="Adam steps per layer for adaround (default 1000) and efrap-official (default 10000)",
     )
     c.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3 * 10000 / iters)")
     c.add_argument(
@@ -75,15 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--error-budget",
         type=float,
         default=0.25,
-        help="auto strength: share of the error gap AdaRound -> nearest that flipping may spend (default 0.25)",
+        help="auto strength: share of the reconstruction-error gap between rounding without pull and "
+        "nearest that flipping may spend (default 0.25)",
     )
     c.add_argument(
         "--reg-weight",
         type=float,
         default=3.0,
-        help="rounding regulariser weight, in units of nearest rounding's error (default 3)",
+        help="AdaRound's rounding regulariser weight, in units of nearest rounding's error (default 3)",
     )
-    c.add_argument("--beta", type=float, default=None, help="regulariser exponent (EFRAP: 2; AdaRound: 20->2)")
+    c.add_argument("--beta", type=float, default=None, help="AdaRound: fixed regulariser exponent (default 20->2)")
     c.add_argument(
         "--guide",
         choices=["element", "neuron"],

@@ -82,10 +82,6 @@ def quantize(
     error_budget: float = 0.25,
     reg_weight: float = 3.0,
     beta: float | None = None,
-    zeta: float | None = None,
-    gamma: float | None = None,
-    anneal: bool | None = None,
-    warmup: float = 0.2,
     guide: str = "element",
     max_rows: int = DEFAULT_MAX_ROWS,
     batch_size: int = DEFAULT_BATCH,
@@ -151,10 +147,6 @@ def quantize(
         error_budget=error_budget,
         reg_weight=reg_weight,
         beta=beta,
-        zeta=zeta,
-        gamma=gamma,
-        anneal=anneal,
-        warmup=warmup,
         guide=guide,
     )
     ckpt = None

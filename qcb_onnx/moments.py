@@ -41,10 +41,8 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def layer_rows(node: onnx.NodeProto, weight_shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows of the canonical (out, d) weight: im2col patches or flattened features."""
-    if node.op_type != "Conv":
-        return x.reshape(-1, x.shape[-1])
+def _padded(node: onnx.NodeProto, weight_shape: tuple[int, ...], x: torch.Tensor):
+    """A Conv's input zero-padded as the node pads it, as 2-D (N, C, H, W), with its kernel geometry."""
     k = list(weight_shape[2:])
     if len(k) == 1:  # Conv1d as a 2-D conv over a height of 1
         x = x.unsqueeze(2)
@@ -71,9 +69,49 @@ def layer_rows(node: onnx.NodeProto, weight_shape: tuple[int, ...], x: torch.Ten
         k, strides, dilations = [1] + k, [1] + strides, [1] + dilations
         pads = [0, pads[0], 0, pads[1]]
     # F.pad takes the last dim first: (left, right, top, bottom)
-    x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+    return F.pad(x, (pads[1], pads[3], pads[0], pads[2])), k, strides, dilations
+
+
+def layer_rows(node: onnx.NodeProto, weight_shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of the canonical (out, d) weight: im2col patches or flattened features."""
+    if node.op_type != "Conv":
+        return x.reshape(-1, x.shape[-1])
+    x, k, strides, dilations = _padded(node, weight_shape, x)
     cols = F.unfold(x, kernel_size=k, dilation=dilations, stride=strides)  # (N, C*kh*kw, L)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def sampled_rows(
+    node: onnx.NodeProto, weight_shape: tuple[int, ...], xs: list[torch.Tensor], keep: int, gen: torch.Generator
+) -> list[torch.Tensor]:
+    """At most `keep` rows of `layer_rows`, the same (seeded) rows of every tensor in `xs`.
+
+    Conv patches are gathered only at the sampled positions: the full im2col of an early layer is
+    ~100x the rows kept, and building it dominated the moments' cost."""
+    if node.op_type != "Conv":
+        rows = [x.reshape(-1, x.shape[-1]) for x in xs]
+        if rows[0].shape[0] <= keep:
+            return rows
+        idx = torch.randperm(rows[0].shape[0], generator=gen)[:keep].to(rows[0].device)
+        return [r[idx] for r in rows]
+    padded = [_padded(node, weight_shape, x) for x in xs]
+    _, k, strides, dilations = padded[0]
+    n, c, h, w = padded[0][0].shape
+    oh = (h - dilations[0] * (k[0] - 1) - 1) // strides[0] + 1
+    ow = (w - dilations[1] * (k[1] - 1) - 1) // strides[1] + 1
+    total = n * oh * ow
+    flat = torch.randperm(total, generator=gen)[:keep] if total > keep else torch.arange(total)
+    flat = flat.to(xs[0].device)
+    img, pos = flat // (oh * ow), flat % (oh * ow)
+    ky = torch.arange(k[0], device=flat.device) * dilations[0]
+    kx = torch.arange(k[1], device=flat.device) * dilations[1]
+    ys = (pos // ow * strides[0])[:, None, None] + ky[None, :, None]  # (rows, kh, 1)
+    xs_ = (pos % ow * strides[1])[:, None, None] + kx[None, None, :]  # (rows, 1, kw)
+    out = []
+    for x, *_ in padded:
+        patch = x[img[:, None, None], :, ys, xs_]  # (rows, kh, kw, C): advanced indices first
+        out.append(patch.permute(0, 3, 1, 2).reshape(len(flat), -1))  # unfold's (C, kh, kw) order
+    return out
 
 
 def collect_moments(
@@ -92,25 +130,21 @@ def collect_moments(
     node = gm.nodes[layer.index]
     gen = torch.Generator().manual_seed(seed + layer.index)
     g = layer.groups
-    w = weight.double().reshape(g, weight.shape[0] // g, -1)  # (g, o, d)
+    w = weight.float().reshape(g, weight.shape[0] // g, -1)  # (g, o, d)
     A = Q = None
     const = 0.0
     rows_total = 0
     for x_fp, x_q in inputs:
-        r_fp = layer_rows(node, weight_shape, x_fp)
-        r_q = layer_rows(node, weight_shape, x_q)
         batch_n = x_fp.shape[0] if x_fp.dim() > 1 else 1
         keep = max(1, int(max_rows * batch_n / max(n_images, 1)))
-        if r_fp.shape[0] > keep:
-            idx = torch.randperm(r_fp.shape[0], generator=gen)[:keep].to(r_fp.device)
-            r_fp, r_q = r_fp[idx], r_q[idx]
-        d = r_fp.shape[1] // g
-        xq = r_q.double().reshape(-1, g, d).transpose(0, 1)  # (g, rows, d)
-        diff = xq - r_fp.double().reshape(-1, g, d).transpose(0, 1)
-        r = diff @ w.transpose(1, 2)  # (g, rows, o): W (x~ - x)
-        a, q = xq.transpose(1, 2) @ xq, r.transpose(1, 2) @ xq
+        xq, diff = sampled_rows(node, weight_shape, [x_q.float(), (x_q - x_fp).float()], keep, gen)
+        d = xq.shape[1] // g
+        xq = xq.reshape(-1, g, d).transpose(0, 1)  # (g, rows, d)
+        r = diff.reshape(-1, g, d).transpose(0, 1) @ w.transpose(1, 2)  # (g, rows, o): W (x~ - x)
+        # float32 products over one batch, float64 sums over batches
+        a, q = (xq.transpose(1, 2) @ xq).double(), (r.transpose(1, 2) @ xq).double()
         A, Q = (a, q) if A is None else (A + a, Q + q)
-        const += float(r.pow(2).sum())
-        rows_total += r_fp.shape[0]
+        const += float(r.double().pow(2).sum())
+        rows_total += xq.shape[1]
     n = max(rows_total, 1)
     return Moments(A / n, Q / n, const / n, rows_total)

@@ -23,7 +23,8 @@ import torch
 from .capture import GraphModule
 from .moments import layer_rows
 from .plan import Layer
-from .rounding import LayerProblem, LayerResult, RoundingConfig, hard_weight, layer_result
+from .problem import LayerProblem, LayerResult, hard_weight, layer_result
+from .rounding import RoundingConfig
 
 FLIP_WEIGHT = 1.0
 REG_WEIGHT = 0.01

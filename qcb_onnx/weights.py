@@ -22,8 +22,9 @@ from .capture import GraphModule
 from .moments import collect_moments
 from .official import fused_activation, solve_official
 from .plan import Layer, QuantPlan
+from .problem import LayerProblem
 from .quantsim import QuantState, WeightQuant, quantize_bias
-from .rounding import LayerProblem, RoundingConfig, solve
+from .rounding import RoundingConfig, solve
 from .scheme import Grid, broadcast_scale, scaled, weight_grid, weight_scales
 
 

@@ -1,0 +1,55 @@
+"""One layer's rounding problem in canonical form, and how a decision set is scored.
+
+Shared by the solvers (sequential.py for EFRAP, rounding.py's Adam for AdaRound, official.py for
+the official schedule) so that every method's error and flip count mean the same thing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .moments import Moments
+from .scheme import Grid
+
+
+@dataclass
+class LayerProblem:
+    """A layer in canonical form: rows are output channels (the per-channel axis)."""
+
+    weight: torch.Tensor  # (out, d) FP weight, float64
+    scale: torch.Tensor  # (out, 1) float64
+    floor: torch.Tensor  # (out, d) floor(w/s), float64
+    nearest_up: torch.Tensor  # (out, d) 0/1, what nearest rounding picks above floor
+    grid: Grid
+    groups: int
+    moments: Moments | None
+
+
+@dataclass
+class LayerResult:
+    up: np.ndarray  # (out, d) uint8 decisions
+    flip_ratio: float
+    error: float  # reconstruction error of the chosen rounding, relative to nearest
+    strength: float
+
+
+def reconstruction_error(problem: LayerProblem, w_q: torch.Tensor) -> torch.Tensor:
+    """E||W~ x~ - W x||^2 from the moments (summed over output channels), exact."""
+    m = problem.moments
+    g = problem.groups
+    delta = (w_q - problem.weight).reshape(g, -1, w_q.shape[-1]).to(m.A.dtype)
+    return ((delta @ m.A) * delta).sum() + 2 * (delta * m.Q).sum() + m.const
+
+
+def hard_weight(problem: LayerProblem, up: torch.Tensor) -> torch.Tensor:
+    q = torch.clamp(problem.floor + up, problem.grid.qmin, problem.grid.qmax)
+    return q * problem.scale
+
+
+def layer_result(problem: LayerProblem, up: torch.Tensor, err: float, strength: float) -> LayerResult:
+    g = problem.grid  # count changed integers: a decision clamped at the grid edge changes nothing
+    q = torch.clamp(problem.floor + up, g.qmin, g.qmax)
+    flips = (q != torch.clamp(problem.floor + problem.nearest_up, g.qmin, g.qmax)).double().mean().item()
+    return LayerResult(up.to(torch.uint8).cpu().numpy(), flips, err, strength)
