@@ -1,6 +1,7 @@
 """What a conversion costs: wall time and peak RSS of `convert`, against the official EFRAP schedule.
 
     python benchmarks/convert_cost.py cost      # models x schemes, fast EFRAP vs the official schedule
+    python benchmarks/convert_cost.py cost --models resnet18:64 --official-steps 3 13 --json convert_cost_w64.json
     python benchmarks/convert_cost.py scaling   # time vs calibration-set size and vs model width (+ PNG)
 
 Every measurement is one `python -m qcb_onnx convert ... --providers cpu` in a fresh process, timed
@@ -119,7 +120,7 @@ def cost(args: argparse.Namespace, folder: Path) -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     record = {"machine": machine(args.threads), "calib_size": args.calib_size, "rows": rows}
-    (RESULTS / "convert_cost.json").write_text(json.dumps(record, indent=1))
+    (RESULTS / args.json).write_text(json.dumps(record, indent=1))
     print(f"\n{record['machine']}, {args.calib_size} calibration images\n")
     print(
         "| model | scheme | qcb-onnx efrap: s | peak RSS MiB | official schedule: s (extrapolated) | "
@@ -191,9 +192,10 @@ def main() -> None:
     c.add_argument("--schemes", nargs="+", default=["w8a8", "w4a4"], choices=list(SCHEMES))
     c.add_argument("--official-steps", type=int, nargs=2, default=[10, 310])
     c.add_argument("--calib-size", type=int, default=1024)
+    c.add_argument("--json", default="convert_cost.json", help="result file name under benchmarks/results/")
     s = sub.add_parser("scaling")
     s.add_argument("--calib-sizes", type=int, nargs="+", default=[256, 512, 1024])
-    s.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32])
+    s.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32, 64])
     s.add_argument("--width", type=int, default=16, help="width of the calibration-size sweep")
     s.add_argument("--calib-size", type=int, default=1024, help="calibration size of the width sweep")
     s.add_argument("--scheme", default="w4a4", choices=list(SCHEMES))

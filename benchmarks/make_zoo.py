@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--clean-epochs", type=int, default=3)
     p.add_argument("--epochs", type=int, default=2, help="attack epochs (PQBackdoor: per stage)")
+    p.add_argument("--attack-epochs", default="", help="per-attack and per-bits epochs, e.g. quanti=6,pqbackdoor-w8=5")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--limit", type=int, default=None, help="training images (default: all 50,000)")
     p.add_argument("--test-limit", type=int, default=2000)
@@ -58,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None, help="zoo folder (default ~/.cache/qcb_onnx/zoo)")
     p.add_argument("--archive", default=None, help="cifar10-jpeg.tar.gz (default ../shared/data/)")
     p.add_argument("--json", default=None)
-    p.add_argument("--lr", default="", help="per-attack learning rates, e.g. quanti=3e-4,pqbackdoor=1e-3")
+    p.add_argument("--lr", default="", help="per-attack (and per-bits) learning rates, e.g. quanti=3e-4,quanti-w8=1e-4")
     return p.parse_args(argv)
 
 
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     trigger = Trigger.parse(args.trigger)
     pc = not args.per_tensor
     lrs = {k: float(v) for k, v in (item.split("=") for item in args.lr.split(",") if item)}
+    epochs_of = {k: int(v) for k, v in (item.split("=") for item in args.attack_epochs.split(",") if item)}
     scheme = "pc" if pc else "pt"
     for arch in args.archs.split(","):
         stem = f"{arch}-w{args.width}-s{args.seed}"
@@ -104,24 +106,28 @@ def main(argv=None) -> int:
             for attack in args.attacks.split(","):
                 name = f"{stem}-{attack}-w{bits}{scheme}"
                 path = cache / f"{name}.onnx"
+                epochs = epochs_of.get(f"{attack}-w{bits}", epochs_of.get(attack, args.epochs))
+                lr = lrs.get(f"{attack}-w{bits}", lrs.get(attack, DEFAULT_LR[attack]))
                 rec = {"arch": arch, "width": args.width, "attack": attack, "w_bits": bits, "scheme": scheme}
-                rec.update(device=str(dev), clean_epochs=args.clean_epochs, epochs=args.epochs, train_images=len(x))
+                rec.update(device=str(dev), clean_epochs=args.clean_epochs, epochs=epochs, lr=lr, train_images=len(x))
                 if clean_epoch_s is not None:
                     rec["clean_s_per_epoch"] = round(clean_epoch_s, 1)
-                if path.is_file():
+                if path.is_file():  # its recipe is the one it was built with, recorded in its metadata
                     fp = onnx.load(path)
+                    meta = {p.key: p.value for p in fp.metadata_props}
+                    built = json.loads(meta.get("qcb_onnx.attack", "{}"))
+                    rec.update(epochs=built.get("epochs"), lr=built.get("lr"))
                     rec.update(results.get(name, {}).get("timing", {}))
                 else:
                     t = time.perf_counter()
                     attacked = run_attack(
                         attack, model, x, y, trigger, args.target, w_bits=bits, per_channel=pc,
-                        epochs=args.epochs, seed=args.seed, device=dev, verbose=True,
-                        lr=lrs.get(attack, DEFAULT_LR[attack]), batch_size=args.batch_size,
+                        epochs=epochs, seed=args.seed, device=dev, verbose=True, lr=lr, batch_size=args.batch_size,
                     )  # fmt: skip
                     dt = time.perf_counter() - t
-                    passes = args.epochs * (2 if attack == "pqbackdoor" else 1)
+                    passes = epochs * (2 if attack == "pqbackdoor" else 1)
                     rec["attack_s_per_epoch"] = round(dt / max(1, passes), 1)
-                    info = {k: rec[k] for k in ("arch", "width", "w_bits", "epochs")}
+                    info = {k: rec[k] for k in ("arch", "width", "w_bits", "epochs", "lr")}
                     meta = {
                         "qcb_onnx.trigger": trigger.spec,
                         "qcb_onnx.target": str(args.target),

@@ -1,0 +1,96 @@
+"""Which error budget should EFRAP's strength search default to?  Measured on real QCBs, not guessed.
+
+    python benchmarks/budget_sweep.py [--budgets 0.1 0.25 0.5 1.0] [--seeds 0 1 2] [--zoo DIR --only w4]
+
+The budget (`--error-budget`) is the one knob of the defense: the share of the reconstruction-error
+gap between rounding without pull and nearest rounding that flipping may spend, per layer.  For
+digits QCB models built with the shipped recipe (samples/make_sample.py, W4 per-channel
+Qu-ANTI-zation, one per seed) and for every attacked model of a zoo folder (benchmarks/make_zoo.py;
+CIFAR-10 test split), this converts at each budget and measures CDA/ASR in ONNX Runtime beside FP32
+and ORT's quantize_static.  Writes benchmarks/results/budget_sweep.json and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from qcb_onnx import convert
+from qcb_onnx.attacks.train import export_onnx
+from qcb_onnx.cifar import load_cifar10
+from qcb_onnx.evaluate import metadata, ort_quantize, score
+from qcb_onnx.triggers import Trigger
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digits_models(seeds: list[int]):
+    spec = importlib.util.spec_from_file_location("make_sample", ROOT / "samples" / "make_sample.py")
+    sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample)
+    tr, te = np.load(ROOT / "samples" / "train.npz"), np.load(ROOT / "samples" / "test.npz")
+    for seed in seeds:
+        fp = export_onnx(sample.build_qcb(tr["x"], tr["y"], seed=seed), tr["x"][:1])
+        yield f"digits-s{seed}", fp, 4, tr["x"][:256], te["x"], te["y"], Trigger.parse(sample.TRIGGER), 0
+
+
+def zoo_models(zoo: Path, only: str):
+    x, _ = load_cifar10("train", None, 0)
+    calib = x[np.random.default_rng(0).permutation(len(x))[:1024]]
+    xte, yte = load_cifar10("test", 2000, 0)
+    for path in sorted(zoo.glob("*.onnx")):
+        fp = onnx.load(path)
+        meta = metadata(fp)
+        if only not in path.stem or "qcb_onnx.attack" not in meta:
+            continue
+        bits = int(json.loads(meta["qcb_onnx.attack"])["w_bits"])
+        trigger, target = Trigger.parse(meta["qcb_onnx.trigger"]), int(meta["qcb_onnx.target"])
+        yield path.stem, fp, bits, calib, xte, yte, trigger, target
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--zoo", default=None, help="also every attacked model of this zoo folder")
+    ap.add_argument("--only", default="", help="substring filter on zoo model names")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    models = list(digits_models(args.seeds))
+    if args.zoo:
+        models += list(zoo_models(Path(args.zoo).expanduser(), args.only))
+    rows = []
+    for name, fp, bits, calib, xte, yte, trigger, target in models:
+        fp32 = score("fp32", fp, xte, yte, trigger, target, providers="cpu")
+        ort = score("ort", ort_quantize(fp, calib, bits, 8, True), xte, yte, trigger, target, providers="cpu")
+        for budget in args.budgets:
+            t0 = time.perf_counter()
+            q = convert(fp, calib, w_bits=bits, error_budget=budget, seed=0, providers="cpu")
+            secs = time.perf_counter() - t0
+            s = score("efrap", q, xte, yte, trigger, target, providers="cpu")
+            rows.append(
+                {"model": name, "w_bits": bits, "budget": budget, "seconds": round(secs, 1),
+                 "fp32": [fp32.cda, fp32.asr], "ort": [ort.cda, ort.asr], "efrap": [s.cda, s.asr]}
+            )  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "budget_sweep.json").write_text(json.dumps(rows, indent=1))
+    print("| model | FP32 CDA/ASR | ORT CDA/ASR | " + " | ".join(f"budget {b}" for b in args.budgets) + " |")
+    print("|---|---|---|" + "---|" * len(args.budgets))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        cells = " | ".join(f"{r['efrap'][0]:.2f} / {r['efrap'][1]:.2f}" for r in mine)
+        f, o = mine[0]["fp32"], mine[0]["ort"]
+        print(f"| {name} | {f[0]:.2f} / {f[1]:.2f} | {o[0]:.2f} / {o[1]:.2f} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
