@@ -6,7 +6,8 @@ Quantizes MODEL with ORT's quantize_static (QDQ, W8A8 per channel) and with qcb-
 `--method nearest` by default: the emitted graph has the same structure whatever the rounding
 method); with `--w4` also at 4-bit weights (INT4 tensors, the same integers in INT8 tensors via
 `--int8-storage`, and W4A4), checks that ORT's CPU EP fuses both into QLinearConv, and reports the median images/s
-of `--repeats` timed passes over `--images` random inputs after one warm-up pass, with 2 intra-op threads.
+of `--repeats` timed passes over `--images` random inputs after one warm-up pass, with 2 intra-op threads;
+the passes go round-robin over the models.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from qcb_onnx.evaluate import ort_quantize
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def throughput(model: onnx.ModelProto, x: np.ndarray, batch: int, repeats: int) -> tuple[float, set[str]]:
+def session(model: onnx.ModelProto) -> tuple[ort.InferenceSession, set[str]]:
+    """A CPU session with the same options for every model, and the op types of its optimized graph."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.inter_op_num_threads = 1
@@ -36,17 +38,26 @@ def throughput(model: onnx.ModelProto, x: np.ndarray, batch: int, repeats: int) 
         opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         ops = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
-    name = sess.get_inputs()[0].name
+    return sess, ops
+
+
+def throughput(sessions: dict[str, ort.InferenceSession], x: np.ndarray, batch: int, repeats: int) -> dict[str, float]:
+    """Median images/s per session; the timed passes go round-robin over the models, so a slow or fast
+    spell of the machine (turbo, another process) falls on all of them alike, not on whichever ran
+    then (measured back to back, the first INT4 model once looked 50 % faster than an identical one)."""
     batches = [x[i : i + batch] for i in range(0, len(x), batch)]
-    for b in batches:
-        sess.run(None, {name: b})
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    for sess in sessions.values():  # warm-up
         for b in batches:
-            sess.run(None, {name: b})
-        rates.append(len(x) / (time.perf_counter() - t))
-    return statistics.median(rates), ops
+            sess.run(None, {sess.get_inputs()[0].name: b})
+    rates: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for label, sess in sessions.items():
+            name = sess.get_inputs()[0].name
+            t = time.perf_counter()
+            for b in batches:
+                sess.run(None, {name: b})
+            rates[label].append(len(x) / (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def main() -> None:
@@ -80,14 +91,15 @@ def main() -> None:
                 fp, c, method=args.method, w_bits=4, a_bits=4, providers="cpu"
             ),
         }
+    built = {label: session(model) for label, model in models.items()}
+    rates = throughput({k: v[0] for k, v in built.items()}, x, args.batch, args.repeats)
     rows = []
-    for label, model in models.items():
-        rate, ops = throughput(model, x, args.batch, args.repeats)
+    for label, (_, ops) in built.items():
         fused = sorted(ops & {"QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool"})
         if "Conv" in ops:
             fused.append("float Conv (unfused)")
-        rows.append({"model": label, "images_per_s": round(rate, 1), "fused_ops": fused, "batch": args.batch})
-        print(f"| {label} | {rate:.1f} | {', '.join(fused) or '-'} |", flush=True)
+        rows.append({"model": label, "images_per_s": round(rates[label], 1), "fused_ops": fused, "batch": args.batch})
+        print(f"| {label} | {rates[label]:.1f} | {', '.join(fused) or '-'} |", flush=True)
     Path(args.json).write_text(json.dumps({"source": args.model, "rows": rows}, indent=1))
 
 

@@ -1,7 +1,8 @@
 """EFRAP's objective solved by sequential rounding with error feedback, in one pass per strength.
 
-The Adam solver (rounding.py) pays O(out * in * rank) per step for ~1,000 steps and several
-strengths per layer: minutes for a 512-channel 3x3 conv on a laptop CPU.  The objective is a
+Adam on soft rounding variables (the official schedule, official.py; AdaRound, rounding.py) pays a
+step's cost thousands of times per layer, and a strength search multiplies that again: minutes to
+hours for a 512-channel 3x3 conv on a laptop CPU.  The objective is a
 quadratic form in the rounding perturbation D = W~ - W (moments.py) plus a pull towards the flipped
 nearest decisions, so it can be minimised the way GPTQ/OBQ minimise theirs: complete the square,
 
@@ -13,9 +14,10 @@ of the FP weight (EFRAP's decision space), and spread each column's rounding err
 not yet rounded through the upper Cholesky factor U of A^-1.  Choosing a column's value costs
 s^2 (q - t)^2 / U_jj^2 of reconstruction error (the OBS error increase); the flip pull subtracts
 `strength * guide * base` from the flipped choice, `guide` the official element-wise |e| normalised
-to sum 1 and `base` nearest rounding's error, so strengths mean the same as in the Adam solver's
-normalised loss.  One pass costs O(out * in^2 / 2) plus an O(in^3) factorisation shared by all
-strengths: a whole strength search for the largest ResNet-18 layer takes about a second.
+to sum 1 and `base` nearest rounding's error (at strength 1, flipping every decision is worth as
+much as nearest rounding's whole error).  One pass costs O(out * in^2 / 2) plus an O(in^3)
+factorisation shared by all strengths: a whole strength search for the largest full-width
+ResNet-18 layer takes a few seconds on a 2-core CPU (BENCHMARKS.md §5).
 """
 
 from __future__ import annotations
