@@ -46,7 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--clean-epochs", type=int, default=3)
     p.add_argument("--epochs", type=int, default=2, help="attack epochs (PQBackdoor: per stage)")
-    p.add_argument("--attack-epochs", default="", help="per-attack and per-bits epochs, e.g. quanti=6,pqbackdoor-w8=5")
+    p.add_argument(
+        "--attack-epochs",
+        default="",
+        help="epochs per attack, attack-w<bits> or attack-w<bits><pc|pt>, e.g. quanti=6,pqbackdoor-w8pt=5",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--limit", type=int, default=None, help="training images (default: all 50,000)")
     p.add_argument("--test-limit", type=int, default=2000)
@@ -59,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None, help="zoo folder (default ~/.cache/qcb_onnx/zoo)")
     p.add_argument("--archive", default=None, help="cifar10-jpeg.tar.gz (default ../shared/data/)")
     p.add_argument("--json", default=None)
-    p.add_argument("--lr", default="", help="per-attack (and per-bits) learning rates, e.g. quanti=3e-4,quanti-w8=1e-4")
+    p.add_argument("--lr", default="", help="learning rates keyed like --attack-epochs, e.g. quanti-w8=1e-4")
     return p.parse_args(argv)
 
 
@@ -106,8 +110,9 @@ def main(argv=None) -> int:
             for attack in args.attacks.split(","):
                 name = f"{stem}-{attack}-w{bits}{scheme}"
                 path = cache / f"{name}.onnx"
-                epochs = epochs_of.get(f"{attack}-w{bits}", epochs_of.get(attack, args.epochs))
-                lr = lrs.get(f"{attack}-w{bits}", lrs.get(attack, DEFAULT_LR[attack]))
+                keys = (f"{attack}-w{bits}{scheme}", f"{attack}-w{bits}", attack)  # most specific first
+                epochs = next((epochs_of[k] for k in keys if k in epochs_of), args.epochs)
+                lr = next((lrs[k] for k in keys if k in lrs), DEFAULT_LR[attack])
                 rec = {"arch": arch, "width": args.width, "attack": attack, "w_bits": bits, "scheme": scheme}
                 rec.update(device=str(dev), clean_epochs=args.clean_epochs, epochs=epochs, lr=lr, train_images=len(x))
                 if clean_epoch_s is not None:

@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# The W4 paper table from a clean checkout with ../shared beside it, in one command (CPU, 2 threads):
+# The paper table from a clean checkout with ../shared beside it, in one command (CPU, 2 threads):
 #
 #     bash benchmarks/paper_table.sh [ARCH ...]        # default: resnet18 vgg16
 #
-# Builds each architecture's CIFAR-10 QCB zoo at width 16 (15 clean epochs on 25,000 images, 3 attack
-# epochs, the three attacks against ORT quantize_static W4A8 per channel; cached models are reused),
-# then measures FP32, ORT, nearest, AdaRound and EFRAP in ONNX Runtime. Every cell lands in
-# benchmarks/results/paper_table/<model>-a8.json. Time on the 2-core CPU: about 45 min per
-# architecture (training 30, table 15). The ResNet-18 rows in BENCHMARKS.md were trained on an H200
-# with the same recipe (benchmarks/device_zoo.sh); their table was measured on the CPU.
+# Builds each architecture's CIFAR-10 QCB zoo at width 16 (15 clean epochs on 25,000 images; the three
+# attacks against ORT quantize_static W4A8 and W8A8, per channel and per tensor, with the per-attack
+# epochs and learning rates below; cached models are reused), then measures FP32, ORT, nearest,
+# AdaRound and EFRAP in ONNX Runtime. Every cell lands in benchmarks/results/paper_table/<model>-a8.json
+# and the zoo's own measurements in $ZOO/zoo.json. Time on the 2-core CPU for VGG-16 w16: 6 min of clean
+# training, 23-45 s per attack epoch (12 attacks, ~50 min), the table ~40 s per model: about 1 hour;
+# ResNet-18 w16 several times that. The ResNet-18 rows in BENCHMARKS.md were trained on an H200
+# (benchmarks/device_zoo.sh); the VGG-16 rows are this script's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ZOO=${ZOO:-$HOME/.cache/qcb_onnx/zoo_cpu}
 archs=("$@")
 [ ${#archs[@]} -eq 0 ] && archs=(resnet18 vgg16)
 for arch in "${archs[@]}"; do
-    python benchmarks/make_zoo.py --archs "$arch" --width 16 --limit 25000 --test-limit 2000 --clean-epochs 15 \
-        --epochs 3 --bits 4 --attacks quanti,pqbackdoor,compartifact --lr quanti=3e-4,compartifact=3e-4 --cache "$ZOO"
+    for scheme in "" "--per-tensor"; do
+        python benchmarks/make_zoo.py --archs "$arch" --width 16 --limit 25000 --test-limit 2000 --clean-epochs 15 \
+            --epochs 3 --bits 4,8 $scheme --attacks quanti,pqbackdoor,compartifact \
+            --lr quanti=3e-4,compartifact=3e-4 \
+            --attack-epochs quanti=6,pqbackdoor=4,pqbackdoor-w8=5,compartifact=3,compartifact-w8=5 --cache "$ZOO"
+    done
 done
 python benchmarks/paper_table.py --zoo "$ZOO"
