@@ -6,8 +6,8 @@ quantized prefix, x the FP input, D = W~ - W the rounding perturbation) is
     E||W~ x~ - W x||^2 = E||D x~ + W (x~ - x)||^2 = sum_i D_i A D_i' + 2 <D, Q> + c
     A = E[x~ x~'],   Q_i = E[x~ r_i],   c = E||r||^2,   r = W (x~ - x),
 
-so once A, Q and c are accumulated over the calibration set every optimiser step costs
-O(out * in^2) (less with `rounding.Objective`'s low-rank A), independent of the number of images.
+so once A, Q and c are accumulated over the calibration set, a rounding pass (sequential.py) or an
+AdaRound step costs O(out * in^2), independent of the number of images.
 Conv inputs become im2col patches; grouped convs have one A per group.  Patch positions are
 subsampled (seeded) so the work per layer is bounded.
 """
@@ -105,11 +105,11 @@ def sampled_rows(
     img, pos = flat // (oh * ow), flat % (oh * ow)
     ky = torch.arange(k[0], device=flat.device) * dilations[0]
     kx = torch.arange(k[1], device=flat.device) * dilations[1]
-    ys = (pos // ow * strides[0])[:, None, None] + ky[None, :, None]  # (rows, kh, 1)
-    xs_ = (pos % ow * strides[1])[:, None, None] + kx[None, None, :]  # (rows, 1, kw)
+    top = (pos // ow * strides[0])[:, None, None] + ky[None, :, None]  # (rows, kh, 1)
+    left = (pos % ow * strides[1])[:, None, None] + kx[None, None, :]  # (rows, 1, kw)
     out = []
     for x, *_ in padded:
-        patch = x[img[:, None, None], :, ys, xs_]  # (rows, kh, kw, C): advanced indices first
+        patch = x[img[:, None, None], :, top, left]  # (rows, kh, kw, C): advanced indices first
         out.append(patch.permute(0, 3, 1, 2).reshape(len(flat), -1))  # unfold's (C, kh, kw) order
     return out
 

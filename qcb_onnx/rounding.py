@@ -44,6 +44,8 @@ class RoundingConfig:
 
 
 def solve(problem: LayerProblem, config: RoundingConfig, seed: int = 0) -> LayerResult:
+    """One layer's decisions; every method's error is relative to nearest rounding's, so the per-layer
+    evidence written into the model (flip ratio, error) compares across methods and layers."""
     nearest = problem.nearest_up
     if config.method == "nearest":
         return LayerResult(nearest.to(torch.uint8).cpu().numpy(), 0.0, 1.0, 0.0)
