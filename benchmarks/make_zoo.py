@@ -33,6 +33,7 @@ from qcb_onnx.attacks import ATTACKS, run_attack  # noqa: E402
 from qcb_onnx.attacks.cli import DEFAULT_LR, measure  # noqa: E402
 from qcb_onnx.attacks.train import export_onnx, resolve_device, train_clean  # noqa: E402
 from qcb_onnx.cifar import default_cache_dir, load_cifar10  # noqa: E402
+from qcb_onnx.evaluate import metadata  # noqa: E402
 from qcb_onnx.triggers import Trigger  # noqa: E402
 from qcb_onnx.zoo import build  # noqa: E402
 
@@ -119,8 +120,7 @@ def main(argv=None) -> int:
                     rec["clean_s_per_epoch"] = round(clean_epoch_s, 1)
                 if path.is_file():  # its recipe is the one it was built with, recorded in its metadata
                     fp = onnx.load(path)
-                    meta = {p.key: p.value for p in fp.metadata_props}
-                    built = json.loads(meta.get("qcb_onnx.attack", "{}"))
+                    built = json.loads(metadata(fp).get("qcb_onnx.attack", "{}"))
                     rec.update(epochs=built.get("epochs"), lr=built.get("lr"))
                     rec.update(results.get(name, {}).get("timing", {}))
                 else:

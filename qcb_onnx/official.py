@@ -22,7 +22,7 @@ import torch
 
 from .capture import GraphModule
 from .moments import layer_rows
-from .plan import Layer
+from .plan import Layer, clip_bounds
 from .problem import LayerProblem, LayerResult, hard_weight, layer_result
 from .rounding import RoundingConfig
 
@@ -105,7 +105,8 @@ def fused_activation(
     node = next((n for n in gm.nodes if n.output and removed_relus.get(n.output[0]) == out), None)
     if node is None:
         return None
-    if node.op_type == "Clip" and len(node.input) > 2 and node.input[2]:
-        top = float(gm.params[node.input[2]].reshape(-1)[0])
-        return lambda y: y.clamp(0.0, top)
+    if node.op_type == "Clip":  # folded only with constant bounds and min 0 (plan.folds_into_q)
+        _, top = clip_bounds(node, lambda name: float(gm.params[name].reshape(-1)[0]))
+        if top is not None:
+            return lambda y: y.clamp(0.0, top)
     return torch.relu

@@ -17,6 +17,7 @@ The plan is pure structure (names only); numbers live in `calibrate` and `roundi
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
@@ -127,6 +128,20 @@ def find_layers(nodes: list[onnx.NodeProto], initializers: dict[str, onnx.Tensor
     return layers
 
 
+def clip_bounds(node: onnx.NodeProto, constant: Callable[[str], float]) -> tuple[float | None, float | None]:
+    """A Clip's (min, max), None where absent: inputs 1 and 2 from opset 11 on, read with `constant`
+    (which raises KeyError for a bound computed at run time), attributes before."""
+    bounds = []
+    for i, attr in ((1, "min"), (2, "max")):
+        name = node.input[i] if len(node.input) > i else ""
+        if name:
+            bounds.append(constant(name))
+        else:
+            found = [a.f for a in node.attribute if a.name == attr]
+            bounds.append(found[0] if found else None)
+    return bounds[0], bounds[1]
+
+
 def folds_into_q(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
     """Relu, or a Clip whose lower bound is 0 (ReLU6): a uint Q calibrated on its output has zero point
     0 and saturates exactly where the activation clips, so the node adds nothing after the Q.  ORT
@@ -135,17 +150,10 @@ def folds_into_q(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]
         return True
     if node.op_type != "Clip":
         return False
-    bounds = []
-    for i, attr in ((1, "min"), (2, "max")):
-        name = node.input[i] if len(node.input) > i else ""
-        if name:
-            if name not in initializers:
-                return False  # a bound computed at run time
-            bounds.append(float(numpy_helper.to_array(initializers[name]).reshape(-1)[0]))
-        else:
-            found = [a.f for a in node.attribute if a.name == attr]  # opset < 11
-            bounds.append(found[0] if found else None)
-    lo, hi = bounds
+    try:
+        lo, hi = clip_bounds(node, lambda name: float(numpy_helper.to_array(initializers[name]).reshape(-1)[0]))
+    except KeyError:
+        return False  # a bound computed at run time
     return lo == 0.0 and (hi is None or hi > 0.0)
 
 
