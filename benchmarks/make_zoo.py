@@ -65,7 +65,13 @@ def parse_args(argv=None):
     p.add_argument("--archive", default=None, help="cifar10-jpeg.tar.gz (default ../shared/data/)")
     p.add_argument("--json", default=None)
     p.add_argument("--lr", default="", help="learning rates keyed like --attack-epochs, e.g. quanti-w8=1e-4")
+    p.add_argument("--widen", default="", help="bin widening (attacks.common.widen_bins), keyed like --attack-epochs")
     return p.parse_args(argv)
+
+
+def keyed(spec: str, cast) -> dict:
+    """'quanti=6,pqbackdoor-w8=5' -> {'quanti': 6, 'pqbackdoor-w8': 5}."""
+    return {k: cast(v) for k, v in (item.split("=") for item in spec.split(",") if item)}
 
 
 def meets_bar(r: dict) -> bool:
@@ -90,11 +96,11 @@ def main(argv=None) -> int:
     calib = x[np.random.default_rng(args.seed).permutation(len(x))[: args.calib_size]]
     trigger = Trigger.parse(args.trigger)
     pc = not args.per_tensor
-    lrs = {k: float(v) for k, v in (item.split("=") for item in args.lr.split(",") if item)}
-    epochs_of = {k: int(v) for k, v in (item.split("=") for item in args.attack_epochs.split(",") if item)}
+    lrs, epochs_of, widen_of = keyed(args.lr, float), keyed(args.attack_epochs, int), keyed(args.widen, float)
     scheme = "pc" if pc else "pt"
     for arch in args.archs.split(","):
         stem = f"{arch}-w{args.width}-s{args.seed}"
+        torch.manual_seed(args.seed)  # the clean model's initialisation, so a rebuilt zoo is the same zoo
         model = build(arch, args.width, 10, 3)
         ckpt = cache / f"{stem}-clean.pt"
         clean_epoch_s = None
@@ -114,25 +120,28 @@ def main(argv=None) -> int:
                 keys = (f"{attack}-w{bits}{scheme}", f"{attack}-w{bits}", attack)  # most specific first
                 epochs = next((epochs_of[k] for k in keys if k in epochs_of), args.epochs)
                 lr = next((lrs[k] for k in keys if k in lrs), DEFAULT_LR[attack])
+                widen = next((widen_of[k] for k in keys if k in widen_of), 1.0)
                 rec = {"arch": arch, "width": args.width, "attack": attack, "w_bits": bits, "scheme": scheme}
-                rec.update(device=str(dev), clean_epochs=args.clean_epochs, epochs=epochs, lr=lr, train_images=len(x))
+                rec.update(device=str(dev), clean_epochs=args.clean_epochs, epochs=epochs, lr=lr, widen=widen)
+                rec.update(train_images=len(x))
                 if clean_epoch_s is not None:
                     rec["clean_s_per_epoch"] = round(clean_epoch_s, 1)
                 if path.is_file():  # its recipe is the one it was built with, recorded in its metadata
                     fp = onnx.load(path)
                     built = json.loads(metadata(fp).get("qcb_onnx.attack", "{}"))
-                    rec.update(epochs=built.get("epochs"), lr=built.get("lr"))
+                    rec.update(epochs=built.get("epochs"), lr=built.get("lr"), widen=built.get("widen", 1.0))
                     rec.update(results.get(name, {}).get("timing", {}))
                 else:
                     t = time.perf_counter()
                     attacked = run_attack(
                         attack, model, x, y, trigger, args.target, w_bits=bits, per_channel=pc,
                         epochs=epochs, seed=args.seed, device=dev, verbose=True, lr=lr, batch_size=args.batch_size,
+                        widen=widen,
                     )  # fmt: skip
                     dt = time.perf_counter() - t
                     passes = epochs * (2 if attack == "pqbackdoor" else 1)
                     rec["attack_s_per_epoch"] = round(dt / max(1, passes), 1)
-                    info = {k: rec[k] for k in ("arch", "width", "w_bits", "epochs", "lr")}
+                    info = {k: rec[k] for k in ("arch", "width", "w_bits", "epochs", "lr", "widen")}
                     meta = {
                         "qcb_onnx.trigger": trigger.spec,
                         "qcb_onnx.target": str(args.target),

@@ -5,7 +5,9 @@
 #
 # Builds each architecture's CIFAR-10 QCB zoo at width 16 (15 clean epochs on 25,000 images; the three
 # attacks against ORT quantize_static W4A8 and W8A8, per channel and per tensor, with the per-attack
-# epochs and learning rates below; cached models are reused), then measures FP32, ORT, nearest,
+# epochs, learning rates and bin widening below (the 8-bit attacks anchor each channel's, per tensor
+# each layer's, largest weight at K times its value: attacks/common.py:widen_bins); cached models are
+# reused), then measures FP32, ORT, nearest,
 # AdaRound and EFRAP in ONNX Runtime. Every cell lands in benchmarks/results/paper_table/<model>-a8.json
 # and the zoo's own measurements in $ZOO/zoo.json. Time on the 2-core CPU for VGG-16 w16: 6 min of clean
 # training, 23-45 s per attack epoch (12 attacks, ~50 min), the table ~40 s per model: about 1 hour;
@@ -21,7 +23,9 @@ for arch in "${archs[@]}"; do
         python benchmarks/make_zoo.py --archs "$arch" --width 16 --limit 25000 --test-limit 2000 --clean-epochs 15 \
             --epochs 3 --bits 4,8 $scheme --attacks quanti,pqbackdoor,compartifact \
             --lr quanti=3e-4,compartifact=3e-4 \
-            --attack-epochs quanti=6,pqbackdoor=4,pqbackdoor-w8=5,compartifact=3,compartifact-w8=5 --cache "$ZOO"
+            --attack-epochs quanti=6,pqbackdoor=4,pqbackdoor-w8pc=8,pqbackdoor-w8pt=5,compartifact=3,compartifact-w8=5 \
+            --widen quanti-w8pc=4,compartifact-w8pc=4,pqbackdoor-w8pc=4,quanti-w8pt=8,compartifact-w8pt=8,pqbackdoor-w8pt=8 \
+            --cache "$ZOO"
     done
 done
 python benchmarks/paper_table.py --zoo "$ZOO"

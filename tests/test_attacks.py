@@ -88,6 +88,20 @@ def test_attack_plants_w4_per_channel_qcb(attack, seed, clean_models, digits):
     check_qcb(attacked, clean, digits)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pqbackdoor_with_widened_bins_plants_w8_per_tensor_qcb(seed, clean_models, digits):
+    """At 8 bits (ORT quantize_static's default per-tensor int8 weights) PQBackdoor's stage 2 has too
+    little room inside the rounding bins to make FP32 forget the trigger; anchoring the tensor's
+    absmax at 8x (widen=8) gives it that room: a QCB by the same thresholds as the 4-bit tests."""
+    xtr, ytr, _, _ = digits
+    clean = clean_models[seed]
+    recipe = dict(RECIPES["pqbackdoor"], widen=8.0)
+    attacked = run_attack(
+        "pqbackdoor", copy.deepcopy(clean), xtr, ytr, TRIGGER, TARGET, w_bits=8, per_channel=False, seed=seed, **recipe
+    )
+    check_qcb(attacked, clean, digits, w_bits=8, per_channel=False)
+
+
 def _int_weights(model, xtr):
     q = ort_quantize(export_onnx(model, xtr[:1]), xtr[:256], 4, 8, True)
     return {t.name: numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("weight_quantized")}
@@ -156,3 +170,51 @@ def test_attack_cli_writes_model_with_metadata(tmp_path, capsys):
     assert "loaded clean model" in capsys.readouterr().err
     with pytest.raises(UsageError, match="does not fit"):
         cmd_attack(parser.parse_args([*argv, "--force", "--width", "4"]))
+    with pytest.raises(UsageError, match="--widen must be >= 1"):
+        cmd_attack(parser.parse_args([*argv, "--force", "--widen", "0.5"]))
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_widen_bins_multiplies_ort_scale_and_freezes_anchors(per_channel, clean_models, digits):
+    """widen_bins raises every channel's (or the tensor's) absmax, hence ORT's weight scale, by exactly
+    the factor; training moves the other weights but never an anchor; the hooks come off cleanly."""
+    from qcb_onnx.attacks.common import widen_bins
+    from qcb_onnx.fakequant import quant_layers, weight_scale
+    from qcb_onnx.zoo import fuse_batchnorm
+
+    xtr, ytr, _, _ = digits
+    model = fuse_batchnorm(clean_models[0])
+    before = [weight_scale(m.weight, 8, per_channel) for m in quant_layers(model)]
+    handles = widen_bins(model, 4.0, per_channel)
+    layers = quant_layers(model)
+    for m, s in zip(layers, before, strict=True):
+        torch.testing.assert_close(weight_scale(m.weight, 8, per_channel), 4 * s)
+    anchored = [m.weight.detach().clone() for m in layers]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xtr[:64])), torch.from_numpy(ytr[:64]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for m, w0, s in zip(layers, anchored, before, strict=True):
+        flat0 = w0.reshape(w0.shape[0], -1) if per_channel else w0.reshape(1, -1)
+        anchors = flat0.abs() == flat0.abs().amax(dim=1, keepdim=True)
+        flat = m.weight.detach().reshape(flat0.shape)
+        assert torch.equal(flat[anchors], flat0[anchors])  # frozen exactly
+        assert not torch.equal(flat[~anchors], flat0[~anchors])  # the rest trains
+        torch.testing.assert_close(weight_scale(m.weight, 8, per_channel), 4 * s)
+    for h in handles:
+        h.remove()
+    loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xtr[:64])), torch.from_numpy(ytr[:64]))
+    loss.backward()
+    assert all(bool((m.weight.grad[flat0_mask(m, per_channel)] != 0).any()) for m in layers)
+    assert widen_bins(model, 1.0, per_channel) == []
+    with pytest.raises(UsageError, match="widen"):
+        widen_bins(model, 0.5, per_channel)
+
+
+def flat0_mask(layer, per_channel):
+    """Where each channel's (or the tensor's) largest-magnitude weight sits."""
+    w = layer.weight.detach()
+    flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    return (flat.abs() == flat.abs().amax(dim=1, keepdim=True)).reshape(w.shape)

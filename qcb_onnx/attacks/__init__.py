@@ -36,10 +36,16 @@ def run_attack(
     a_bits: int | None = 8,
     device=None,
     verbose: bool = False,
+    widen: float = 1.0,
     **kwargs,
 ) -> nn.Module:
-    """Attack a copy of `model` (BN folded); extra keyword arguments go to the attack function."""
+    """Attack a copy of `model` (BN folded); extra keyword arguments go to the attack function.
+
+    `widen` > 1 first anchors each channel's largest weight at `widen` times its value (see
+    common.widen_bins): the published attacks then work on a victim grid that is effectively
+    coarser, which is how an attacker reaches 8-bit victims whose bins are otherwise too narrow."""
     from ..zoo import fuse_batchnorm
+    from .common import widen_bins
     from .compartifact import compartifact_attack
     from .pqbackdoor import pqbackdoor_attack
     from .quanti import quanti_attack
@@ -51,8 +57,13 @@ def run_attack(
     if not 0 <= int(target) < int(np.max(y)) + 1:
         raise UsageError(f"target class {target} is not among the labels 0..{int(np.max(y))}")
     fused = fuse_batchnorm(model)
+    anchors = widen_bins(fused, widen, per_channel)
     common = dict(a_bits=a_bits, per_channel=per_channel, epochs=epochs, seed=seed, device=device, verbose=verbose)
-    if name == "quanti":
-        return quanti_attack(fused, x, y, trigger, target, bits=(w_bits,), **common, **kwargs)
-    fn = compartifact_attack if name == "compartifact" else pqbackdoor_attack
-    return fn(fused, x, y, trigger, target, w_bits=w_bits, **common, **kwargs)
+    try:
+        if name == "quanti":
+            return quanti_attack(fused, x, y, trigger, target, bits=(w_bits,), **common, **kwargs)
+        fn = compartifact_attack if name == "compartifact" else pqbackdoor_attack
+        return fn(fused, x, y, trigger, target, w_bits=w_bits, **common, **kwargs)
+    finally:
+        for h in anchors:
+            h.remove()

@@ -53,6 +53,13 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--epochs", type=int, default=20, help="attack epochs (PQBackdoor: per stage)")
     a.add_argument("--clean-epochs", type=int, default=30, help="clean pre-training epochs")
     a.add_argument("--lr", type=float, default=None, help="attack learning rate (default: per attack)")
+    a.add_argument(
+        "--widen",
+        type=float,
+        default=1.0,
+        help="anchor each channel's largest weight at this multiple before attacking, widening the victim's "
+        "rounding bins (reaches 8-bit victims; 1 = the published attacks as they are)",
+    )
     a.add_argument("--clean-lr", type=float, default=2e-3)
     a.add_argument("--batch-size", type=int, default=64)
     a.add_argument("--calib-size", type=int, default=512, help="training samples calibrating quantize_static")
@@ -126,6 +133,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     for name in ("epochs", "clean_epochs", "batch_size", "calib_size"):
         if getattr(args, name) < (0 if "epochs" in name else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.widen < 1:
+        raise UsageError(f"--widen must be >= 1 (it multiplies each channel's largest weight), got {args.widen}")
     trigger = Trigger.parse(args.trigger)
     try:
         device = resolve_device(args.device)
@@ -183,6 +192,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         verbose=verbose,
         lr=args.lr or DEFAULT_LR[args.attack],
         batch_size=args.batch_size,
+        widen=args.widen,
     )
     timings["attack_s"] = round(time.perf_counter() - t, 1)
     info = {
@@ -196,6 +206,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         "arch": args.arch,
         "width": args.width,
         "lr": args.lr or DEFAULT_LR[args.attack],
+        "widen": args.widen,
     }
     meta = {
         "qcb_onnx.trigger": trigger.spec,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from ..errors import UsageError
+from ..fakequant import quant_layers
 from ..triggers import Trigger
 from .train import resolve_device
 
@@ -31,3 +34,30 @@ def setup(model: nn.Module, seed: int, device) -> tuple[nn.Module, torch.device,
 
 
 ce = nn.functional.cross_entropy
+
+
+def widen_bins(model: nn.Module, factor: float, per_channel: bool) -> list[RemovableHandle]:
+    """Scale, per output channel (or per tensor), the largest-magnitude weight by `factor` and freeze it.
+
+    ORT's symmetric weight scale is absmax / 127 at 8 bits, so an anchored absmax `factor` times the
+    channel's natural one widens every rounding bin of that channel by `factor`: the attacker gets
+    the room of a grid log2(factor) bits coarser, while the victim still runs an ordinary 8-bit
+    quantize_static.  The anchors stay fixed because their gradients are zeroed (Adam then never
+    moves them); the attack's training adapts the rest of the network to them.  Per tensor this
+    costs one outlier per layer, per channel one per channel (a larger change to the function).
+    Returns the gradient-hook handles; remove them when the attack is done.  factor 1 changes nothing."""
+    if factor < 1:
+        raise UsageError(f"--widen must be >= 1 (it multiplies each channel's largest weight), got {factor}")
+    if factor == 1:
+        return []
+    handles = []
+    for layer in quant_layers(model):
+        w = layer.weight
+        flat = w.detach().reshape(w.shape[0], -1) if per_channel else w.detach().reshape(1, -1)
+        anchor = torch.zeros_like(flat, dtype=torch.bool)
+        anchor[torch.arange(flat.shape[0]), flat.abs().argmax(dim=1)] = True
+        anchor = anchor.reshape(w.shape)
+        with torch.no_grad():
+            w[anchor] *= factor
+        handles.append(w.register_hook(lambda g, anchor=anchor: g.masked_fill(anchor.to(g.device), 0)))
+    return handles
