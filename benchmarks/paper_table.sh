@@ -11,8 +11,8 @@
 # AdaRound and EFRAP in ONNX Runtime. Every cell lands in benchmarks/results/paper_table/<model>-a8.json
 # and the zoo's own measurements in $ZOO/zoo.json. Time on the 2-core CPU for VGG-16 w16: 6 min of clean
 # training, 23-45 s per attack epoch (12 attacks, ~50 min), the table ~40 s per model: about 1 hour;
-# ResNet-18 w16 several times that. The ResNet-18 rows in BENCHMARKS.md were trained on an H200
-# (benchmarks/device_zoo.sh); the VGG-16 rows are this script's.
+# ResNet-18 w16 about twice that. The ResNet-18 W4/W8 per-channel rows in BENCHMARKS.md were trained on an
+# H200 (benchmarks/device_zoo.sh); the ResNet-18 W8 per-tensor and all VGG-16 rows are this script's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ZOO=${ZOO:-$HOME/.cache/qcb_onnx/zoo_cpu}

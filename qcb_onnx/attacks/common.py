@@ -42,9 +42,10 @@ def widen_bins(model: nn.Module, factor: float, per_channel: bool) -> list[Remov
     ORT's symmetric weight scale is absmax / 127 at 8 bits, so an anchored absmax `factor` times the
     channel's natural one widens every rounding bin of that channel by `factor`: the attacker gets
     the room of a grid log2(factor) bits coarser, while the victim still runs an ordinary 8-bit
-    quantize_static.  The anchors stay fixed because their gradients are zeroed (Adam then never
-    moves them); the attack's training adapts the rest of the network to them.  Per tensor this
-    costs one outlier per layer, per channel one per channel (a larger change to the function).
+    quantize_static.  The anchors stay fixed because their gradients are zeroed (Adam without weight
+    decay then never moves them); the attack's training adapts the rest of the network to them.  Per
+    tensor this costs one outlier per layer, per channel one per channel (a larger change to the
+    function).
     Returns the gradient-hook handles; remove them when the attack is done.  factor 1 changes nothing."""
     if factor < 1:
         raise UsageError(f"--widen must be >= 1 (it multiplies each channel's largest weight), got {factor}")
