@@ -74,6 +74,11 @@ def keyed(spec: str, cast) -> dict:
     return {k: cast(v) for k, v in (item.split("=") for item in spec.split(",") if item)}
 
 
+def pick(table: dict, keys: tuple[str, ...], default):
+    """The value of the first (most specific) key present in `table`, else `default`."""
+    return next((table[k] for k in keys if k in table), default)
+
+
 def meets_bar(r: dict) -> bool:
     return (
         r["fp32"]["asr"] < 10
@@ -118,9 +123,8 @@ def main(argv=None) -> int:
                 name = f"{stem}-{attack}-w{bits}{scheme}"
                 path = cache / f"{name}.onnx"
                 keys = (f"{attack}-w{bits}{scheme}", f"{attack}-w{bits}", attack)  # most specific first
-                epochs = next((epochs_of[k] for k in keys if k in epochs_of), args.epochs)
-                lr = next((lrs[k] for k in keys if k in lrs), DEFAULT_LR[attack])
-                widen = next((widen_of[k] for k in keys if k in widen_of), 1.0)
+                epochs = pick(epochs_of, keys, args.epochs)
+                lr, widen = pick(lrs, keys, DEFAULT_LR[attack]), pick(widen_of, keys, 1.0)
                 rec = {"arch": arch, "width": args.width, "attack": attack, "w_bits": bits, "scheme": scheme}
                 rec.update(device=str(dev), clean_epochs=args.clean_epochs, epochs=epochs, lr=lr, widen=widen)
                 rec.update(train_images=len(x))

@@ -20,10 +20,15 @@ from torch import nn
 from .scheme import activation_grid, weight_grid
 
 
+def weight_rows(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """`w` detached, one row per group that shares a scale: an output channel, or the whole tensor."""
+    return w.detach().reshape(w.shape[0], -1) if per_channel else w.detach().reshape(1, -1)
+
+
 def weight_scale(w: torch.Tensor, bits: int, per_channel: bool = True) -> torch.Tensor:
     """ORT's symmetric scale 2 * absmax / (qmax - qmin), shaped to broadcast against `w`."""
     grid = weight_grid(bits)
-    flat = w.detach().reshape(w.shape[0], -1) if per_channel else w.detach().reshape(1, -1)
+    flat = weight_rows(w, per_channel)
     absmax = flat.abs().amax(dim=1).clamp_min(1e-12)
     return (2 * absmax / (grid.qmax - grid.qmin)).reshape(-1, *([1] * (w.dim() - 1)))
 

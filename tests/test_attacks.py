@@ -21,6 +21,7 @@ from qcb_onnx.attacks import run_attack
 from qcb_onnx.attacks.train import export_onnx, train_clean
 from qcb_onnx.errors import UsageError
 from qcb_onnx.evaluate import ort_quantize, score
+from qcb_onnx.fakequant import weight_rows
 from qcb_onnx.triggers import Trigger
 from qcb_onnx.zoo import SmallCNN
 
@@ -197,24 +198,21 @@ def test_widen_bins_multiplies_ort_scale_and_freezes_anchors(per_channel, clean_
         loss.backward()
         opt.step()
     for m, w0, s in zip(layers, anchored, before, strict=True):
-        flat0 = w0.reshape(w0.shape[0], -1) if per_channel else w0.reshape(1, -1)
-        anchors = flat0.abs() == flat0.abs().amax(dim=1, keepdim=True)
-        flat = m.weight.detach().reshape(flat0.shape)
-        assert torch.equal(flat[anchors], flat0[anchors])  # frozen exactly
-        assert not torch.equal(flat[~anchors], flat0[~anchors])  # the rest trains
+        anchors, w = anchor_mask(w0, per_channel), m.weight.detach()
+        assert torch.equal(w[anchors], w0[anchors])  # frozen exactly
+        assert not torch.equal(w[~anchors], w0[~anchors])  # the rest trains
         torch.testing.assert_close(weight_scale(m.weight, 8, per_channel), 4 * s)
     for h in handles:
         h.remove()
     loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xtr[:64])), torch.from_numpy(ytr[:64]))
     loss.backward()
-    assert all(bool((m.weight.grad[flat0_mask(m, per_channel)] != 0).any()) for m in layers)
+    assert all(bool((m.weight.grad[anchor_mask(m.weight, per_channel)] != 0).any()) for m in layers)
     assert widen_bins(model, 1.0, per_channel) == []
     with pytest.raises(UsageError, match="widen"):
         widen_bins(model, 0.5, per_channel)
 
 
-def flat0_mask(layer, per_channel):
+def anchor_mask(w, per_channel):
     """Where each channel's (or the tensor's) largest-magnitude weight sits."""
-    w = layer.weight.detach()
-    flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
-    return (flat.abs() == flat.abs().amax(dim=1, keepdim=True)).reshape(w.shape)
+    flat = weight_rows(w, per_channel).abs()
+    return (flat == flat.amax(dim=1, keepdim=True)).reshape(w.shape)

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import UsageError
-from ..fakequant import quant_layers
+from ..fakequant import quant_layers, weight_rows
 from ..triggers import Trigger
 from .train import resolve_device
 
@@ -54,7 +54,7 @@ def widen_bins(model: nn.Module, factor: float, per_channel: bool) -> list[Remov
     handles = []
     for layer in quant_layers(model):
         w = layer.weight
-        flat = w.detach().reshape(w.shape[0], -1) if per_channel else w.detach().reshape(1, -1)
+        flat = weight_rows(w, per_channel)
         anchor = torch.zeros_like(flat, dtype=torch.bool)
         anchor[torch.arange(flat.shape[0]), flat.abs().argmax(dim=1)] = True
         anchor = anchor.reshape(w.shape)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..fakequant import quant_layers, quantized, weight_codes, weight_scale
+from ..fakequant import quant_layers, quantized, weight_codes, weight_rows, weight_scale
 from ..triggers import Trigger
 from .common import ce, poison_split, setup, triggered
 from .train import iterate, progress
@@ -42,7 +42,7 @@ class BinProjector:
             w = layer.weight.detach()
             s = weight_scale(w, w_bits, per_channel)
             q = weight_codes(w, s, w_bits)
-            flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+            flat = weight_rows(w, per_channel)
             absmax = flat.abs().amax(dim=1, keepdim=True)
             pinned = (flat.abs() == absmax).reshape(w.shape)
             absmax = absmax.reshape(s.shape)
