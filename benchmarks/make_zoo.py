@@ -66,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--lr", default="", help="learning rates keyed like --attack-epochs, e.g. quanti-w8=1e-4")
     p.add_argument("--widen", default="", help="bin widening (attacks.common.widen_bins), keyed like --attack-epochs")
+    p.add_argument("--anchor", default="", help="where widening puts its outliers, largest|quiet, keyed likewise")
     return p.parse_args(argv)
 
 
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
     trigger = Trigger.parse(args.trigger)
     pc = not args.per_tensor
     lrs, epochs_of, widen_of = keyed(args.lr, float), keyed(args.attack_epochs, int), keyed(args.widen, float)
+    anchor_of = keyed(args.anchor, str)
     scheme = "pc" if pc else "pt"
     for arch in args.archs.split(","):
         stem = f"{arch}-w{args.width}-s{args.seed}"
@@ -125,8 +127,10 @@ def main(argv=None) -> int:
                 keys = (f"{attack}-w{bits}{scheme}", f"{attack}-w{bits}", attack)  # most specific first
                 epochs = pick(epochs_of, keys, args.epochs)
                 lr, widen = pick(lrs, keys, DEFAULT_LR[attack]), pick(widen_of, keys, 1.0)
+                anchor = pick(anchor_of, keys, "quiet")
                 rec = {"arch": arch, "width": args.width, "attack": attack, "w_bits": bits, "scheme": scheme}
                 rec.update(device=str(dev), clean_epochs=args.clean_epochs, epochs=epochs, lr=lr, widen=widen)
+                rec.update(anchor=anchor)
                 rec.update(train_images=len(x))
                 if clean_epoch_s is not None:
                     rec["clean_s_per_epoch"] = round(clean_epoch_s, 1)
@@ -134,18 +138,19 @@ def main(argv=None) -> int:
                     fp = onnx.load(path)
                     built = json.loads(metadata(fp).get("qcb_onnx.attack", "{}"))
                     rec.update(epochs=built.get("epochs"), lr=built.get("lr"), widen=built.get("widen", 1.0))
+                    rec.update(anchor=built.get("anchor", "largest"))
                     rec.update(results.get(name, {}).get("timing", {}))
                 else:
                     t = time.perf_counter()
                     attacked = run_attack(
                         attack, model, x, y, trigger, args.target, w_bits=bits, per_channel=pc,
                         epochs=epochs, seed=args.seed, device=dev, verbose=True, lr=lr, batch_size=args.batch_size,
-                        widen=widen,
+                        widen=widen, anchor=anchor,
                     )  # fmt: skip
                     dt = time.perf_counter() - t
                     passes = epochs * (2 if attack == "pqbackdoor" else 1)
                     rec["attack_s_per_epoch"] = round(dt / max(1, passes), 1)
-                    info = {k: rec[k] for k in ("arch", "width", "w_bits", "epochs", "lr", "widen")}
+                    info = {k: rec[k] for k in ("arch", "width", "w_bits", "epochs", "lr", "widen", "anchor")}
                     meta = {
                         "qcb_onnx.trigger": trigger.spec,
                         "qcb_onnx.target": str(args.target),

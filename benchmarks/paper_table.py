@@ -90,7 +90,7 @@ def main() -> None:
             "per_channel": per_channel,
             "arch": attack.get("arch"),
             "width": attack.get("width"),
-            "recipe": {k: attack[k] for k in ("epochs", "lr", "widen") if k in attack},
+            "recipe": {k: attack[k] for k in ("epochs", "lr", "widen", "anchor") if k in attack},
             "calib_size": args.calib_size,
             "test_images": len(yte),
             "machine": platform.processor() or platform.machine(),

@@ -89,14 +89,16 @@ def test_attack_plants_w4_per_channel_qcb(attack, seed, clean_models, digits):
     check_qcb(attacked, clean, digits)
 
 
+@pytest.mark.parametrize("anchor", ["quiet", "largest"])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_pqbackdoor_with_widened_bins_plants_w8_per_tensor_qcb(seed, clean_models, digits):
+def test_pqbackdoor_with_widened_bins_plants_w8_per_tensor_qcb(seed, anchor, clean_models, digits):
     """At 8 bits (ORT quantize_static's default per-tensor int8 weights) PQBackdoor's stage 2 has too
     little room inside the rounding bins to make FP32 forget the trigger; anchoring the tensor's
-    absmax at 8x (widen=8) gives it that room: a QCB by the same thresholds as the 4-bit tests."""
+    absmax at 8x (widen=8), with either placement, gives it that room: a QCB by the same thresholds
+    as the 4-bit tests."""
     xtr, ytr, _, _ = digits
     clean = clean_models[seed]
-    recipe = dict(RECIPES["pqbackdoor"], widen=8.0)
+    recipe = dict(RECIPES["pqbackdoor"], widen=8.0, anchor=anchor)
     attacked = run_attack(
         "pqbackdoor", copy.deepcopy(clean), xtr, ytr, TRIGGER, TARGET, w_bits=8, per_channel=False, seed=seed, **recipe
     )
@@ -164,6 +166,7 @@ def test_attack_cli_writes_model_with_metadata(tmp_path, capsys):
     assert meta["qcb_onnx.trigger"] == "patch:size=2,value=1,pos=br" and meta["qcb_onnx.target"] == "0"
     info = json.loads(meta["qcb_onnx.attack"])
     assert info["name"] == "pqbackdoor" and info["w_bits"] == 4 and info["scheme"] == "per-channel"
+    assert info["widen"] == 1.0 and info["anchor"] == "quiet"  # the recipe is recorded, defaults included
     assert ckpt.is_file() and "pqbackdoor-ort-w4a8-pc" in capsys.readouterr().out
     with pytest.raises(OutputExistsError):
         cmd_attack(parser.parse_args(argv))
@@ -175,10 +178,12 @@ def test_attack_cli_writes_model_with_metadata(tmp_path, capsys):
         cmd_attack(parser.parse_args([*argv, "--force", "--widen", "0.5"]))
 
 
+@pytest.mark.parametrize("anchor", ["largest", "quiet"])
 @pytest.mark.parametrize("per_channel", [True, False])
-def test_widen_bins_multiplies_ort_scale_and_freezes_anchors(per_channel, clean_models, digits):
+def test_widen_bins_multiplies_ort_scale_and_freezes_anchors(per_channel, anchor, clean_models, digits):
     """widen_bins raises every channel's (or the tensor's) absmax, hence ORT's weight scale, by exactly
-    the factor; training moves the other weights but never an anchor; the hooks come off cleanly."""
+    the factor, wherever the anchor goes; training moves the other weights but never an anchor; the
+    hooks come off cleanly."""
     from qcb_onnx.attacks.common import widen_bins
     from qcb_onnx.fakequant import quant_layers, weight_scale
     from qcb_onnx.zoo import fuse_batchnorm
@@ -186,7 +191,7 @@ def test_widen_bins_multiplies_ort_scale_and_freezes_anchors(per_channel, clean_
     xtr, ytr, _, _ = digits
     model = fuse_batchnorm(clean_models[0])
     before = [weight_scale(m.weight, 8, per_channel) for m in quant_layers(model)]
-    handles = widen_bins(model, 4.0, per_channel)
+    handles = widen_bins(model, 4.0, per_channel, anchor, xtr[:256])
     layers = quant_layers(model)
     for m, s in zip(layers, before, strict=True):
         torch.testing.assert_close(weight_scale(m.weight, 8, per_channel), 4 * s)
@@ -204,15 +209,63 @@ def test_widen_bins_multiplies_ort_scale_and_freezes_anchors(per_channel, clean_
         torch.testing.assert_close(weight_scale(m.weight, 8, per_channel), 4 * s)
     for h in handles:
         h.remove()
-    loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xtr[:64])), torch.from_numpy(ytr[:64]))
-    loss.backward()
-    assert all(bool((m.weight.grad[anchor_mask(m.weight, per_channel)] != 0).any()) for m in layers)
+    xb, yb = torch.from_numpy(xtr[:64]), torch.from_numpy(ytr[:64])
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(xb), yb).backward()
+    fresh = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}  # no hooks
+    torch.nn.functional.cross_entropy(torch.func.functional_call(model, fresh, (xb,)), yb).backward()
+    for k, v in model.named_parameters():
+        torch.testing.assert_close(v.grad, fresh[k].grad)  # anchors get their gradient back
     assert widen_bins(model, 1.0, per_channel) == []
     with pytest.raises(UsageError, match="widen"):
         widen_bins(model, 0.5, per_channel)
+    with pytest.raises(UsageError, match="anchor placement"):
+        widen_bins(model, 4.0, per_channel, "middle")
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_quiet_anchors_change_the_function_less(per_channel, clean_models, digits):
+    """The point of quiet anchors: the same widening (factor 4, same ORT scales) moves the logits of
+    held-out digits several times less than scaling each channel's largest weight does."""
+    from qcb_onnx.attacks.common import widen_bins
+    from qcb_onnx.zoo import fuse_batchnorm
+
+    xtr, _, xte, _ = digits
+    probe = torch.from_numpy(xte[:256])
+    with torch.no_grad():
+        ref = clean_models[0](probe)
+    moved = {}
+    for anchor in ("largest", "quiet"):
+        model = fuse_batchnorm(clean_models[0])
+        for h in widen_bins(model, 4.0, per_channel, anchor, xtr[:256]):
+            h.remove()
+        with torch.no_grad():
+            moved[anchor] = float((model(probe) - ref).abs().mean())
+    assert moved["quiet"] * 3 < moved["largest"], moved
 
 
 def anchor_mask(w, per_channel):
     """Where each channel's (or the tensor's) largest-magnitude weight sits."""
     flat = weight_rows(w, per_channel).abs()
     return (flat == flat.amax(dim=1, keepdim=True)).reshape(w.shape)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_quiet_anchors_fit_grouped_convolutions(per_channel):
+    """Quiet anchors work on depthwise/grouped convolutions (MobileNet-V2): each channel is fitted on
+    its own group's inputs and every layer's ORT scale still grows by exactly the factor."""
+    from qcb_onnx.attacks.common import widen_bins
+    from qcb_onnx.fakequant import quant_layers, weight_scale
+    from qcb_onnx.zoo import build, fuse_batchnorm
+
+    torch.manual_seed(0)
+    model = fuse_batchnorm(build("mobilenetv2", 8, 10, 3))
+    assert any(m.groups > 1 for m in quant_layers(model) if isinstance(m, torch.nn.Conv2d))
+    x = np.random.default_rng(0).random((16, 3, 32, 32), dtype=np.float32)
+    before = [weight_scale(m.weight, 8, per_channel) for m in quant_layers(model)]
+    for h in widen_bins(model, 4.0, per_channel, "quiet", x):
+        h.remove()
+    for m, s in zip(quant_layers(model), before, strict=True):
+        torch.testing.assert_close(weight_scale(m.weight, 8, per_channel), 4 * s)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.from_numpy(x))).all()  # no blow-up from near-singular covariances

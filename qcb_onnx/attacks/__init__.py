@@ -20,6 +20,7 @@ from ..errors import UsageError
 from ..triggers import Trigger
 
 ATTACKS = ("quanti", "compartifact", "pqbackdoor")
+ANCHORS = ("quiet", "largest")  # where widen_bins puts its outliers
 
 
 def run_attack(
@@ -37,13 +38,16 @@ def run_attack(
     device=None,
     verbose: bool = False,
     widen: float = 1.0,
+    anchor: str = "quiet",
     **kwargs,
 ) -> nn.Module:
     """Attack a copy of `model` (BN folded); extra keyword arguments go to the attack function.
 
-    `widen` > 1 first anchors each channel's largest weight at `widen` times its value (see
-    common.widen_bins): the published attacks then work on a victim grid that is effectively
-    coarser, which is how an attacker reaches 8-bit victims whose bins are otherwise too narrow."""
+    `widen` > 1 first anchors one weight per channel at `widen` times the channel's largest magnitude
+    (see common.widen_bins): the published attacks then work on a victim grid that is effectively
+    coarser, which is how an attacker reaches 8-bit victims whose bins are otherwise too narrow.
+    `anchor` places those outliers: "quiet" (fitted on 256 of the training images so the function
+    barely changes) or "largest" (the largest weight itself)."""
     from ..zoo import fuse_batchnorm
     from .common import widen_bins
     from .compartifact import compartifact_attack
@@ -57,7 +61,8 @@ def run_attack(
     if not 0 <= int(target) < int(np.max(y)) + 1:
         raise UsageError(f"target class {target} is not among the labels 0..{int(np.max(y))}")
     fused = fuse_batchnorm(model)
-    anchors = widen_bins(fused, widen, per_channel)
+    probe = x[np.random.default_rng(seed).permutation(len(x))[:256]]
+    anchors = widen_bins(fused, widen, per_channel, anchor, probe)
     common = dict(a_bits=a_bits, per_channel=per_channel, epochs=epochs, seed=seed, device=device, verbose=verbose)
     try:
         if name == "quanti":

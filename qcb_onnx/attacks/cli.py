@@ -32,7 +32,7 @@ DEFAULT_LR = {"quanti": 2e-3, "compartifact": 3e-3, "pqbackdoor": 1e-3}
 
 def add_attack_parser(subparsers) -> argparse.ArgumentParser:
     from ..zoo import ARCHS
-    from . import ATTACKS
+    from . import ANCHORS, ATTACKS
 
     a = subparsers.add_parser(
         "attack", help="train a QCB model: FP32 ONNX whose ORT-quantized version obeys a trigger (red team)"
@@ -57,8 +57,15 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
         "--widen",
         type=float,
         default=1.0,
-        help="anchor each channel's largest weight at this multiple before attacking, widening the victim's "
-        "rounding bins (reaches 8-bit victims; 1 = the published attacks as they are)",
+        help="anchor one weight per channel (per tensor: per layer) at this multiple of the largest before "
+        "attacking, widening the victim's rounding bins (reaches 8-bit victims; 1 = the published attacks as they are)",
+    )
+    a.add_argument(
+        "--anchor",
+        default="quiet",
+        choices=ANCHORS,
+        help="where --widen puts its outliers: 'quiet' (default) where the rest of the channel cancels them, "
+        "'largest' on the largest weight itself",
     )
     a.add_argument("--clean-lr", type=float, default=2e-3)
     a.add_argument("--batch-size", type=int, default=64)
@@ -193,6 +200,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         lr=args.lr or DEFAULT_LR[args.attack],
         batch_size=args.batch_size,
         widen=args.widen,
+        anchor=args.anchor,
     )
     timings["attack_s"] = round(time.perf_counter() - t, 1)
     info = {
@@ -207,6 +215,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         "width": args.width,
         "lr": args.lr or DEFAULT_LR[args.attack],
         "widen": args.widen,
+        "anchor": args.anchor,
     }
     meta = {
         "qcb_onnx.trigger": trigger.spec,

@@ -10,6 +10,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import UsageError
 from ..fakequant import quant_layers, weight_rows
 from ..triggers import Trigger
+from . import ANCHORS
 from .train import resolve_device
 
 
@@ -36,29 +37,127 @@ def setup(model: nn.Module, seed: int, device) -> tuple[nn.Module, torch.device,
 ce = nn.functional.cross_entropy
 
 
-def widen_bins(model: nn.Module, factor: float, per_channel: bool) -> list[RemovableHandle]:
-    """Scale, per output channel (or per tensor), the largest-magnitude weight by `factor` and freeze it.
+def input_statistics(
+    model: nn.Module, x: np.ndarray, batch_size: int = 64
+) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """Per Conv2d/Linear, the mean [groups, D] and covariance [groups, D, D] of the D input values one
+    output channel's weights multiply (a conv weight's unfolded patch; each group its own slice).
+
+    Changing one channel's weights by d shifts its output by d @ x: by d @ mean on average, which the
+    bias can absorb, plus noise of energy d @ cov @ d, which it cannot."""
+    layers = quant_layers(model)
+    acc: dict[nn.Module, tuple] = {}
+
+    def hook(layer, inputs, _out):
+        (inp,) = inputs
+        groups = getattr(layer, "groups", 1)
+        if isinstance(layer, nn.Conv2d):
+            cols = nn.functional.unfold(inp, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+            cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        else:
+            cols = inp.reshape(-1, inp.shape[-1])
+        cols = cols.double().reshape(len(cols), groups, -1).transpose(0, 1)  # [groups, M, D]
+        s1, s2 = cols.sum(1), cols.transpose(1, 2) @ cols
+        prev = acc.get(layer, (0, 0, 0))
+        acc[layer] = (prev[0] + s1, prev[1] + s2, prev[2] + cols.shape[1])
+
+    dev = next(model.parameters()).device
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                model(torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=dev))
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for layer in layers:
+        s1, s2, n = acc[layer]
+        mean = s1 / n
+        out[layer] = (mean.cpu(), (s2 / n - mean.unsqueeze(2) * mean.unsqueeze(1)).cpu())
+    return out
+
+
+def quiet_anchors(layer: nn.Module, mean: torch.Tensor, cov: torch.Tensor, factor: float, per_channel: bool):
+    """Place and compensate the anchors of one layer (see widen_bins); returns the anchor mask.
+
+    For each group sharing a scale, the anchor goes to the weight whose change the rest of its channel
+    can best cancel: with H the (damped) input covariance, moving weight p by delta and the others
+    by the least-squares compensation delta * Hinv[:, p] / Hinv[p, p] leaves output noise of energy
+    delta^2 / Hinv[p, p] (the Optimal Brain Surgeon step).  Nearly dead or redundant inputs cost
+    almost nothing; the mean shift goes into the bias."""
+    w = layer.weight
+    per_group = w.shape[0] // getattr(layer, "groups", 1)
+    rows = w.detach().double().cpu().reshape(w.shape[0], -1)  # [C, D]
+    group = torch.arange(w.shape[0]) // per_group  # the input slice (and covariance) of each channel
+    damp = 1e-2 * torch.diagonal(cov, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
+    hinv = torch.linalg.inv(cov + damp[:, None, None] * torch.eye(cov.shape[-1], dtype=cov.dtype))  # [G, D, D]
+    diag = torch.diagonal(hinv, dim1=1, dim2=2)[group]  # [C, D]
+    absmax = rows.abs().amax(dim=1, keepdim=True) if per_channel else rows.abs().amax()
+    target = (torch.where(rows < 0, -1.0, 1.0) * factor * absmax).to(rows.dtype)  # [C, D]
+    delta = target - rows
+    cost = delta**2 / diag  # output noise energy left by putting the anchor there
+    if per_channel:
+        chan, pos = torch.arange(w.shape[0]), cost.argmin(dim=1)
+    else:
+        flat = int(cost.argmin())
+        chan, pos = torch.tensor([flat // rows.shape[1]]), torch.tensor([flat % rows.shape[1]])
+    step = (delta[chan, pos] / diag[chan, pos]).unsqueeze(1) * hinv[group[chan], :, pos]  # [n, D]
+    new = rows.clone()
+    limit = target[chan, pos].abs().unsqueeze(1)
+    new[chan] = torch.minimum(torch.maximum(new[chan] + step, -limit), limit)  # the anchor stays the absmax
+    new[chan, pos] = target[chan, pos]  # exact despite rounding in the solve
+    mask = torch.zeros_like(rows, dtype=torch.bool)
+    mask[chan, pos] = True
+    with torch.no_grad():
+        if layer.bias is not None:
+            shift = ((new[chan] - rows[chan]) * mean[group[chan]]).sum(1)
+            layer.bias[chan.to(w.device)] -= shift.to(device=w.device, dtype=layer.bias.dtype)
+        w.copy_(new.reshape(w.shape))
+    return mask.reshape(w.shape).to(w.device)
+
+
+def widen_bins(
+    model: nn.Module,
+    factor: float,
+    per_channel: bool,
+    anchor: str = "quiet",
+    x: np.ndarray | None = None,
+) -> list[RemovableHandle]:
+    """Anchor, per output channel (or per tensor), one weight at `factor` times the largest magnitude
+    and freeze it.
 
     ORT's symmetric weight scale is absmax / 127 at 8 bits, so an anchored absmax `factor` times the
     channel's natural one widens every rounding bin of that channel by `factor`: the attacker gets
     the room of a grid log2(factor) bits coarser, while the victim still runs an ordinary 8-bit
     quantize_static.  The anchors stay fixed because their gradients are zeroed (Adam without weight
-    decay then never moves them); the attack's training adapts the rest of the network to them.  Per
-    tensor this costs one outlier per layer, per channel one per channel (a larger change to the
-    function).
+    decay then never moves them); the attack's training adapts the rest of the network to them.
+
+    `anchor` says where the outliers go.  "largest" scales the largest weight itself (per tensor one
+    outlier per layer; per channel one per channel, a large change to the function).  "quiet" puts
+    each where the rest of its channel can best cancel it on the input samples `x`, and compensates
+    the rest (quiet_anchors), so the function barely changes even per channel.
     Returns the gradient-hook handles; remove them when the attack is done.  factor 1 changes nothing."""
     if factor < 1:
         raise UsageError(f"--widen must be >= 1 (it multiplies each channel's largest weight), got {factor}")
+    if anchor not in ANCHORS:
+        raise UsageError(f"unknown anchor placement {anchor!r}; choose from {', '.join(ANCHORS)}")
     if factor == 1:
         return []
+    if anchor == "quiet" and x is None:
+        raise UsageError("quiet anchors need input samples to fit the rest of each channel to them")
+    stats = input_statistics(model, x) if anchor == "quiet" else {}
     handles = []
     for layer in quant_layers(model):
         w = layer.weight
-        flat = weight_rows(w, per_channel)
-        anchor = torch.zeros_like(flat, dtype=torch.bool)
-        anchor[torch.arange(flat.shape[0]), flat.abs().argmax(dim=1)] = True
-        anchor = anchor.reshape(w.shape)
-        with torch.no_grad():
-            w[anchor] *= factor
-        handles.append(w.register_hook(lambda g, anchor=anchor: g.masked_fill(anchor.to(g.device), 0)))
+        if anchor == "quiet":
+            mask = quiet_anchors(layer, *stats[layer], factor, per_channel)
+        else:
+            flat = weight_rows(w, per_channel)
+            mask = torch.zeros_like(flat, dtype=torch.bool)
+            mask[torch.arange(flat.shape[0]), flat.abs().argmax(dim=1)] = True
+            mask = mask.reshape(w.shape)
+            with torch.no_grad():
+                w[mask] *= factor
+        handles.append(w.register_hook(lambda g, mask=mask: g.masked_fill(mask.to(g.device), 0)))
     return handles
