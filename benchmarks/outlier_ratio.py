@@ -41,9 +41,9 @@ def main() -> None:
     zoo = Path(sys.argv[1]) if len(sys.argv) > 1 else Path.home() / ".cache" / "qcb_onnx" / "zoo_cpu"
     out = {}
     for path in sorted(zoo.glob("*.onnx")):
-        meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
-        recipe = json.loads(meta.get("qcb_onnx.attack", "{}"))
-        pc, pt = ratios(onnx.load(path))
+        model = onnx.load(path)
+        recipe = json.loads({p.key: p.value for p in model.metadata_props}.get("qcb_onnx.attack", "{}"))
+        pc, pt = ratios(model)
         out[path.stem] = {
             "widen": recipe.get("widen", 1.0),
             "anchor": recipe.get("anchor", "largest") if recipe.get("widen", 1.0) > 1 else None,

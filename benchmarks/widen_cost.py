@@ -16,12 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qcb_onnx.attacks.common import widen_bins  # noqa: E402
+from qcb_onnx.attacks.common import anchor_probe, widen_bins  # noqa: E402
 from qcb_onnx.attacks.train import export_onnx  # noqa: E402
 from qcb_onnx.cifar import default_cache_dir, load_cifar10  # noqa: E402
 from qcb_onnx.evaluate import ort_quantize, score  # noqa: E402
@@ -42,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     x, _ = load_cifar10("train", 25000, 0)
     xte, yte = load_cifar10("test", 2000, 0)
-    probe = x[np.random.default_rng(0).permutation(len(x))[:256]]  # what run_attack fits quiet anchors on
+    probe = anchor_probe(x, 0)  # what run_attack fits quiet anchors on
     model = build(args.arch, args.width, 10, 3)
     ckpt = Path(args.zoo) / f"{args.arch}-w{args.width}-s0-clean.pt"
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))

@@ -49,7 +49,7 @@ def run_attack(
     `anchor` places those outliers: "quiet" (fitted on 256 of the training images so the function
     barely changes) or "largest" (the largest weight itself)."""
     from ..zoo import fuse_batchnorm
-    from .common import widen_bins
+    from .common import anchor_probe, widen_bins
     from .compartifact import compartifact_attack
     from .pqbackdoor import pqbackdoor_attack
     from .quanti import quanti_attack
@@ -61,8 +61,7 @@ def run_attack(
     if not 0 <= int(target) < int(np.max(y)) + 1:
         raise UsageError(f"target class {target} is not among the labels 0..{int(np.max(y))}")
     fused = fuse_batchnorm(model)
-    probe = x[np.random.default_rng(seed).permutation(len(x))[:256]]
-    anchors = widen_bins(fused, widen, per_channel, anchor, probe)
+    anchors = widen_bins(fused, widen, per_channel, anchor, anchor_probe(x, seed))
     common = dict(a_bits=a_bits, per_channel=per_channel, epochs=epochs, seed=seed, device=device, verbose=verbose)
     try:
         if name == "quanti":

@@ -130,6 +130,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from ..triggers import Trigger
     from ..zoo import build
     from . import run_attack
+    from .common import check_widening
     from .train import export_onnx, resolve_device, train_clean
 
     out = Path(args.out)
@@ -140,8 +141,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     for name in ("epochs", "clean_epochs", "batch_size", "calib_size"):
         if getattr(args, name) < (0 if "epochs" in name else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.widen < 1:
-        raise UsageError(f"--widen must be >= 1 (it multiplies each channel's largest weight), got {args.widen}")
+    check_widening(args.widen, args.anchor)
     trigger = Trigger.parse(args.trigger)
     try:
         device = resolve_device(args.device)

@@ -117,6 +117,19 @@ def quiet_anchors(layer: nn.Module, mean: torch.Tensor, cov: torch.Tensor, facto
     return mask.reshape(w.shape).to(w.device)
 
 
+def check_widening(factor: float, anchor: str) -> None:
+    """Reject a widening recipe before any training is spent on it."""
+    if factor < 1:
+        raise UsageError(f"--widen must be >= 1 (it multiplies each channel's largest weight), got {factor}")
+    if anchor not in ANCHORS:
+        raise UsageError(f"unknown anchor placement {anchor!r}; choose from {', '.join(ANCHORS)}")
+
+
+def anchor_probe(x: np.ndarray, seed: int) -> np.ndarray:
+    """The 256 seeded training samples quiet anchors are fitted on."""
+    return x[np.random.default_rng(seed).permutation(len(x))[:256]]
+
+
 def widen_bins(
     model: nn.Module,
     factor: float,
@@ -138,10 +151,7 @@ def widen_bins(
     each where the rest of its channel can best cancel it on the input samples `x`, and compensates
     the rest (quiet_anchors), so the function barely changes even per channel.
     Returns the gradient-hook handles; remove them when the attack is done.  factor 1 changes nothing."""
-    if factor < 1:
-        raise UsageError(f"--widen must be >= 1 (it multiplies each channel's largest weight), got {factor}")
-    if anchor not in ANCHORS:
-        raise UsageError(f"unknown anchor placement {anchor!r}; choose from {', '.join(ANCHORS)}")
+    check_widening(factor, anchor)
     if factor == 1:
         return []
     if anchor == "quiet" and x is None:
