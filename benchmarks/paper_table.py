@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qcb_onnx import convert  # noqa: E402
 from qcb_onnx.cifar import default_cache_dir, load_cifar10  # noqa: E402
+from qcb_onnx.convert import default_headroom  # noqa: E402
 from qcb_onnx.evaluate import metadata, ort_quantize, score  # noqa: E402
 from qcb_onnx.triggers import Trigger  # noqa: E402
 
@@ -87,6 +88,7 @@ def main() -> None:
             "attack": attack["name"],
             "w_bits": bits,
             "a_bits": args.a_bits,
+            "act_headroom": default_headroom(a_bits),  # our methods' (convert's default); ORT's ranges are its own
             "per_channel": per_channel,
             "arch": attack.get("arch"),
             "width": attack.get("width"),

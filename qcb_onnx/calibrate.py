@@ -80,8 +80,16 @@ def calibrate_activations(
     method: str = "minmax",
     percentile: float = 99.999,
     seed: int = 0,
+    headroom: float = 1.0,
 ) -> dict[str, ActQuant]:
-    """Observe every planned activation on the FP model and turn ranges into (scale, zero_point)."""
+    """Observe every planned activation on the FP model and turn ranges into (scale, zero_point).
+
+    `headroom` stretches each observed range away from zero before it becomes a grid.  Ranges
+    observed on clean calibration data clip whatever a trigger drives beyond them, and that clipping
+    is a quantization-only nonlinearity a backdoor can ride on (BENCHMARKS.md §2): headroom keeps
+    such values on the grid at the price of log2(headroom) bits of activation resolution."""
+    if not headroom >= 1.0:
+        raise ValueError(f"activation headroom must be >= 1, got {headroom}")
     grid = activation_grid(a_bits)
     sources = {plan.stats_source.get(t, t) for t in plan.activations}
     rng = np.random.default_rng(seed)
@@ -108,6 +116,7 @@ def calibrate_activations(
     acts = {}
     for t in plan.activations:
         rmin, rmax = ranges[plan.stats_source.get(t, t)]
+        rmin, rmax = min(rmin, 0.0) * headroom, max(rmax, 0.0) * headroom
         scale, zp = activation_params(rmin, rmax, grid)
         acts[t] = ActQuant(scale, zp, storage if t in plan.pass_through else grid)
     return acts

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         "QLinearConv/QGemm, which it does not do for INT4 (see BENCHMARKS.md)",
     )
     c.add_argument("--calib-method", choices=["minmax", "percentile", "mse"], default="minmax")
+    c.add_argument(
+        "--act-headroom",
+        type=float,
+        default=None,
+        help="stretch calibrated activation ranges by this factor, so values a trigger drives past what "
+        "the calibration set showed are not clipped; 1 = ORT's ranges (default: 2 at 8-bit activations, 1 at 4)",
+    )
     c.add_argument("--calib-size", type=int, default=1024, help="calibration samples drawn (seeded) (default 1024)")
     c.add_argument(
         "--preprocess",
@@ -149,6 +156,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         per_channel=args.per_channel,
         int8_storage=args.int8_storage,
         calib_method=args.calib_method,
+        act_headroom=args.act_headroom,
         calib_size=args.calib_size,
         iters=args.iters,
         lr=args.lr,

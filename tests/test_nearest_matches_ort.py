@@ -48,3 +48,22 @@ def test_nearest_integers_equal_quantize_static(fp_model, digits, w_bits, per_ch
     assert all_ints.min() >= grid[0] and all_ints.max() <= grid[1]
     if w_bits == 4:  # ORT's int4 grid is the full one: -8 must be reachable
         assert all_ints.min() == -8
+
+
+def test_headroom_one_gives_ort_activation_grids(fp_model, digits):
+    """With `act_headroom=1` every activation's scale and zero point, in graph order, are ORT's MinMax ones
+    (ranges from another executor, so scales agree to float rounding; ORT names a folded Relu's output
+    where we name the Conv's); the default at 8 bits doubles each range and keeps zero points at 0."""
+    calib = digits[0][:128]
+    ref = _activation_grids(ort_quantize(fp_model, calib, 8, 8, True))
+    same = _activation_grids(convert(fp_model, calib, method="nearest", act_headroom=1.0, providers="cpu"))
+    wide = _activation_grids(convert(fp_model, calib, method="nearest", providers="cpu"))
+    assert len(ref) > 3 and len(same) == len(ref) == len(wide)
+    for (scale, zp), ours, doubled in zip(ref, same, wide, strict=True):
+        assert ours[0] == pytest.approx(scale, rel=1e-5) and ours[1] == zp
+        assert doubled[0] == pytest.approx(2 * scale, rel=1e-5) and (zp != 0 or doubled[1] == 0)
+
+
+def _activation_grids(model: onnx.ModelProto) -> list[tuple[float, int]]:
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [(float(init[n.input[1]]), int(init[n.input[2]])) for n in model.graph.node if n.op_type == "QuantizeLinear"]

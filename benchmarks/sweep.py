@@ -1,13 +1,15 @@
-"""Which error budget should EFRAP's strength search default to?  Measured on real QCBs, not guessed.
+"""What should the defense's knobs default to?  Measured on real QCBs, not guessed.
 
-    python benchmarks/budget_sweep.py [--budgets 0.1 0.25 0.5 1.0] [--seeds 0 1 2] [--zoo DIR --only w4]
+    python benchmarks/sweep.py [--knob error_budget --values 0.1 0.25 0.5 1.0] [--seeds 0 1 2]
+                               [--zoo DIR --only w4] [--no-digits] [--out results/NAME.json]
 
-The budget (`--error-budget`) is the one knob of the defense: the share of the reconstruction-error
-gap between rounding without pull and nearest rounding that flipping may spend, per layer.  For
-digits QCB models built with the shipped recipe (samples/make_sample.py, W4 per-channel
-Qu-ANTI-zation, one per seed) and for every attacked model of a zoo folder (benchmarks/make_zoo.py;
-CIFAR-10 test split), this converts at each budget and measures CDA/ASR in ONNX Runtime beside FP32
-and ORT's quantize_static.  Writes benchmarks/results/budget_sweep.json and a markdown table.
+The knobs: `error_budget` (the share of the reconstruction-error gap between rounding without pull
+and nearest rounding that flipping may spend, per layer) and `act_headroom` (how far activation
+ranges reach beyond what the calibration set showed).  For digits QCB models built with the shipped
+recipe (samples/make_sample.py, W4 per-channel Qu-ANTI-zation, one per seed) and for every attacked
+model of a zoo folder (benchmarks/make_zoo.py; CIFAR-10, paper_table's 1,024 calibration and 2,000
+test images), this converts at each value, in the scheme the attack targeted, and measures CDA/ASR
+in ONNX Runtime beside FP32 and ORT's quantize_static.  Writes a JSON and a markdown table.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from qcb_onnx.evaluate import metadata, ort_quantize, score
 from qcb_onnx.triggers import Trigger
 
 ROOT = Path(__file__).resolve().parents[1]
+KNOBS = ("error_budget", "act_headroom")
 
 
 def digits_models(seeds: list[int]):
@@ -38,7 +41,7 @@ def digits_models(seeds: list[int]):
     tr, te = np.load(ROOT / "samples" / "train.npz"), np.load(ROOT / "samples" / "test.npz")
     for seed in seeds:
         fp = export_onnx(sample.build_qcb(tr["x"], tr["y"], seed=seed), tr["x"][:1])
-        yield f"digits-s{seed}", fp, 4, tr["x"][:256], te["x"], te["y"], Trigger.parse(sample.TRIGGER), 0
+        yield f"digits-s{seed}", fp, 4, True, tr["x"][:256], te["x"], te["y"], Trigger.parse(sample.TRIGGER), 0
 
 
 def zoo_models(zoo: Path, only: str):
@@ -50,41 +53,47 @@ def zoo_models(zoo: Path, only: str):
         meta = metadata(fp)
         if only not in path.stem or "qcb_onnx.attack" not in meta:
             continue
-        bits = int(json.loads(meta["qcb_onnx.attack"])["w_bits"])
+        attack = json.loads(meta["qcb_onnx.attack"])
+        bits, per_channel = int(attack["w_bits"]), attack.get("scheme", "pc") == "pc"
         trigger, target = Trigger.parse(meta["qcb_onnx.trigger"]), int(meta["qcb_onnx.target"])
-        yield path.stem, fp, bits, calib, xte, yte, trigger, target
+        yield path.stem, fp, bits, per_channel, calib, xte, yte, trigger, target
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
+    ap.add_argument("--knob", choices=KNOBS, default="error_budget")
+    ap.add_argument("--values", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--no-digits", action="store_true", help="only the zoo models")
     ap.add_argument("--zoo", default=None, help="also every attacked model of this zoo folder")
     ap.add_argument("--only", default="", help="substring filter on zoo model names")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "budget_sweep.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    models = list(digits_models(args.seeds))
+    models = [] if args.no_digits else list(digits_models(args.seeds))
     if args.zoo:
         models += list(zoo_models(Path(args.zoo).expanduser(), args.only))
     rows = []
-    for name, fp, bits, calib, xte, yte, trigger, target in models:
+    for name, fp, bits, per_channel, calib, xte, yte, trigger, target in models:
         fp32 = score("fp32", fp, xte, yte, trigger, target, providers="cpu")
-        ort = score("ort", ort_quantize(fp, calib, bits, 8, True), xte, yte, trigger, target, providers="cpu")
-        for budget in args.budgets:
+        ort = ort_quantize(fp, calib, bits, 8, per_channel)
+        ort = score("ort", ort, xte, yte, trigger, target, providers="cpu")
+        for value in args.values:
             t0 = time.perf_counter()
-            q = convert(fp, calib, w_bits=bits, error_budget=budget, seed=0, providers="cpu")
+            options = {args.knob: value, "w_bits": bits, "per_channel": per_channel}
+            q = convert(fp, calib, seed=0, providers="cpu", **options)
             secs = time.perf_counter() - t0
             s = score("efrap", q, xte, yte, trigger, target, providers="cpu")
             rows.append(
-                {"model": name, "w_bits": bits, "budget": budget, "seconds": round(secs, 1),
+                {"model": name, "w_bits": bits, "per_channel": per_channel, args.knob: value, "seconds": round(secs, 1),
                  "fp32": [fp32.cda, fp32.asr], "ort": [ort.cda, ort.asr], "efrap": [s.cda, s.asr]}
             )  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "budget_sweep.json").write_text(json.dumps(rows, indent=1))
-    print("| model | FP32 CDA/ASR | ORT CDA/ASR | " + " | ".join(f"budget {b}" for b in args.budgets) + " |")
-    print("|---|---|---|" + "---|" * len(args.budgets))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    print("| model | FP32 CDA/ASR | ORT CDA/ASR | " + " | ".join(f"{args.knob} {v}" for v in args.values) + " |")
+    print("|---|---|---|" + "---|" * len(args.values))
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
         cells = " | ".join(f"{r['efrap'][0]:.2f} / {r['efrap'][1]:.2f}" for r in mine)
