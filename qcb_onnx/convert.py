@@ -212,7 +212,7 @@ def default_headroom(a_bits: int | None) -> float:
     """2 at 8-bit activations, 1 below.  Calibrated ranges clip what a trigger drives past them, and a
     QCB can ride that clipping where weight rounding cannot reach it (BENCHMARKS.md §2: EFRAP left 12 %
     ASR on two ResNet-18 models through one clipped tensor).  One of 8 activation bits buys a 2x margin
-    at no measurable CDA cost on 27 QCB models; at 4 bits the same margin costs 10-25 CDA points."""
+    at no measurable CDA cost on 27 QCB models; at 4 bits the same margin costs 12-40 CDA points."""
     return 2.0 if a_bits is not None and a_bits >= 8 else 1.0
 
 
