@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -102,8 +103,8 @@ def quantize(
         raise UsageError(f"unknown calibration method {calib_method!r}; choose one of {', '.join(CALIB_METHODS)}")
     if act_headroom is None:
         act_headroom = default_headroom(a_bits)
-    if not act_headroom >= 1.0:
-        raise UsageError(f"--act-headroom must be at least 1 (1: the calibration set's ranges), got {act_headroom}")
+    if not 1.0 <= act_headroom < math.inf:
+        raise UsageError(f"--act-headroom must be a finite number >= 1 (1: ORT's ranges), got {act_headroom}")
     if iters is None:
         iters = OFFICIAL_ITERS if method == "efrap-official" else DEFAULT_ITERS
     if iters < 1 or batch_size < 1 or max_rows < 1:

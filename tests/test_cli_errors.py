@@ -11,7 +11,13 @@ import pytest
 from onnx import TensorProto, helper
 
 from qcb_onnx.cli import main
-from qcb_onnx.errors import CalibrationDataError, ModelFileError, OutputExistsError, UnsupportedModelError
+from qcb_onnx.errors import (
+    CalibrationDataError,
+    ModelFileError,
+    OutputExistsError,
+    UnsupportedModelError,
+    UsageError,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +131,15 @@ def test_missing_calibration_file(capsys, tmp_path, small_model):
     out = tmp_path / "out.onnx"
     code, err = _run(capsys, "convert", small_model, "--calib", tmp_path / "none.npy", "--out", out, "--quiet")
     _assert_one_line_error(code, err, CalibrationDataError.exit_code, "none.npy")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["0.5", "nan", "inf"])
+def test_bad_act_headroom(capsys, tmp_path, small_model, calib, value):
+    """A headroom that would shrink ranges or make no grid is a usage error naming the option."""
+    out = tmp_path / "out.onnx"
+    code, err = _run(capsys, "convert", small_model, "--calib", calib, "--out", out, "--quiet", "--act-headroom", value)
+    _assert_one_line_error(code, err, UsageError.exit_code, "--act-headroom", value)
     assert not out.exists()
 
 
