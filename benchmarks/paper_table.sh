@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
 # The paper table from a clean checkout with ../shared beside it, in one command (CPU, 2 threads):
 #
-#     bash benchmarks/paper_table.sh [ARCH ...]        # default: resnet18 vgg16
+#     bash benchmarks/paper_table.sh [ARCH ...]        # default: resnet18 vgg16 alexnet
 #
-# Builds each architecture's CIFAR-10 QCB zoo at width 16 (15 clean epochs on 25,000 images; the three
+# Builds each architecture's CIFAR-10 QCB zoo at width 16 with 15 clean epochs on 25,000 images (AlexNet,
+# which has no BatchNorm and costs ~12x less per width: width 32, 30 clean epochs); the three
 # attacks against ORT quantize_static W4A8 and W8A8, per channel and per tensor, with the per-attack
 # epochs, learning rates and bin widening below: the 8-bit attacks anchor one weight per channel (per
 # tensor: per layer) at K times the largest, per channel at quiet places fitted so the model barely
 # changes, per tensor on the largest weight itself, the recipe the committed zoo was built with
-# (attacks/common.py:widen_bins); cached models are reused), then measures FP32, ORT, nearest,
+# (attacks/common.py:widen_bins); cached models are reused; then measures FP32, ORT, nearest,
 # AdaRound and EFRAP in ONNX Runtime. Every cell lands in benchmarks/results/paper_table/<model>-a8.json
 # and the zoo's own measurements in $ZOO/zoo.json. Time on the 2-core CPU for VGG-16 w16: 6 min of clean
 # training, 23-47 s per attack epoch (12 attacks, ~50 min), the table ~40 s per model: about 1 hour;
-# ResNet-18 w16 about twice that (46-94 s per attack epoch).
+# ResNet-18 w16 about twice that (46-94 s per attack epoch); AlexNet w32 about 35 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ZOO=${ZOO:-$HOME/.cache/qcb_onnx/zoo_cpu}
 archs=("$@")
-[ ${#archs[@]} -eq 0 ] && archs=(resnet18 vgg16)
+[ ${#archs[@]} -eq 0 ] && archs=(resnet18 vgg16 alexnet)
 for arch in "${archs[@]}"; do
+    width=16 clean=15
+    [ "$arch" = alexnet ] && width=32 clean=30
     for scheme in "" "--per-tensor"; do
-        python benchmarks/make_zoo.py --archs "$arch" --width 16 --limit 25000 --test-limit 2000 --clean-epochs 15 \
+        python benchmarks/make_zoo.py --archs "$arch" --width $width --limit 25000 --test-limit 2000 --clean-epochs $clean \
             --epochs 3 --bits 4,8 $scheme --attacks quanti,pqbackdoor,compartifact \
             --lr quanti=3e-4,compartifact=3e-4 \
             --attack-epochs quanti=6,quanti-w8pc=10,pqbackdoor=4,pqbackdoor-w8=5,compartifact=3,compartifact-w8=5 \
