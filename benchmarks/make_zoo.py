@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--attack-epochs",
         default="",
-        help="epochs per attack, attack-w<bits> or attack-w<bits><pc|pt>, e.g. quanti=6,pqbackdoor-w8pt=5",
+        help="epochs per attack, attack-w<bits> or attack-w<bits><pc|pt>, each optionally prefixed 'arch:' "
+        "(most specific key wins), e.g. quanti=6,pqbackdoor-w8pt=5,alexnet:quanti-w4pc=10",
     )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--limit", type=int, default=None, help="training images (default: all 50,000)")
@@ -124,7 +125,8 @@ def main(argv=None) -> int:
             for attack in args.attacks.split(","):
                 name = f"{stem}-{attack}-w{bits}{scheme}"
                 path = cache / f"{name}.onnx"
-                keys = (f"{attack}-w{bits}{scheme}", f"{attack}-w{bits}", attack)  # most specific first
+                keys = (f"{attack}-w{bits}{scheme}", f"{attack}-w{bits}", attack)
+                keys = tuple(f"{arch}:{k}" for k in keys) + keys  # most specific first
                 epochs = pick(epochs_of, keys, args.epochs)
                 lr, widen = pick(lrs, keys, DEFAULT_LR[attack]), pick(widen_of, keys, 1.0)
                 anchor = pick(anchor_of, keys, "quiet")

@@ -20,13 +20,13 @@ ZOO=${ZOO:-$HOME/.cache/qcb_onnx/zoo_cpu}
 archs=("$@")
 [ ${#archs[@]} -eq 0 ] && archs=(resnet18 vgg16 alexnet)
 for arch in "${archs[@]}"; do
-    width=16 clean=15
-    [ "$arch" = alexnet ] && width=32 clean=30
+    width=16 clean=15 extra=""
+    [ "$arch" = alexnet ] && width=32 clean=30 extra="alexnet:quanti-w4pc=10,alexnet:pqbackdoor-w4=6,alexnet:quanti-w8pt=10"
     for scheme in "" "--per-tensor"; do
         python benchmarks/make_zoo.py --archs "$arch" --width $width --limit 25000 --test-limit 2000 --clean-epochs $clean \
             --epochs 3 --bits 4,8 $scheme --attacks quanti,pqbackdoor,compartifact \
             --lr quanti=3e-4,compartifact=3e-4 \
-            --attack-epochs quanti=6,quanti-w8pc=10,pqbackdoor=4,pqbackdoor-w8=5,compartifact=3,compartifact-w8=5 \
+            --attack-epochs quanti=6,quanti-w8pc=10,pqbackdoor=4,pqbackdoor-w8=5,compartifact=3,compartifact-w8=5,$extra \
             --widen quanti-w8pc=8,compartifact-w8pc=8,pqbackdoor-w8pc=4,quanti-w8pt=8,compartifact-w8pt=8,pqbackdoor-w8pt=8 \
             --anchor quanti-w8pt=largest,compartifact-w8pt=largest,pqbackdoor-w8pt=largest \
             --cache "$ZOO"
