@@ -14,19 +14,15 @@ does not.  Writes benchmarks/results/clip_probe_<model>_h<headroom>.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
+from zoo_data import paper_split, read_zoo_model
 
-from qcb_onnx.cifar import load_cifar10
 from qcb_onnx.convert import Conversion, quantize
-from qcb_onnx.evaluate import metadata
-from qcb_onnx.quantsim import QuantState
-from qcb_onnx.triggers import Trigger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,28 +35,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     path = Path(args.model).expanduser()
-    fp = onnx.load(path)
-    meta = metadata(fp)
-    attack = json.loads(meta["qcb_onnx.attack"])
-    trigger, target = Trigger.parse(meta["qcb_onnx.trigger"]), int(meta["qcb_onnx.target"])
-    x, _ = load_cifar10("train", None, 0)
-    calib = x[np.random.default_rng(0).permutation(len(x))[:1024]]
-    xte, yte = load_cifar10("test", 2000, 0)
-    xtr, keep = trigger.apply(xte), yte != target
-
+    zm = read_zoo_model(path)
+    if zm is None:
+        raise SystemExit(f"{path}: no qcb_onnx.attack metadata (not a zoo model)")
+    calib, xte, yte = paper_split()
+    xtr, keep, target = zm.trigger.apply(xte), yte != zm.target, zm.target
     conv = quantize(
-        fp,
-        calib,
-        w_bits=int(attack["w_bits"]),
-        per_channel=attack.get("scheme", "pc") == "pc",
-        act_headroom=args.headroom,
-        providers="cpu",
+        zm.model, calib, w_bits=zm.w_bits, per_channel=zm.per_channel, act_headroom=args.headroom, providers="cpu"
     )
 
     def asr(acts: dict) -> tuple[float, float]:
-        state = copy.copy(conv.state)
-        state.acts = acts
-        clean, trig = simulate(conv, state, xte), simulate(conv, state, xtr)
+        state = replace(conv.state, acts=acts)
+        clean, trig = conv.simulate(xte, state=state).argmax(1), conv.simulate(xtr, state=state).argmax(1)
         return round(float((clean == yte).mean() * 100), 2), round(float((trig[keep] == target).mean() * 100), 2)
 
     acts = conv.state.acts
@@ -87,14 +73,6 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / f"clip_probe_{path.stem}_h{args.headroom:g}.json"
     out.write_text(json.dumps(record, indent=1))
     print(json.dumps(record, indent=1))
-
-
-def simulate(conv: Conversion, state: QuantState, x: np.ndarray) -> np.ndarray:
-    kept, conv.state = conv.state, state
-    try:
-        return conv.simulate(x).argmax(1)
-    finally:
-        conv.state = kept
 
 
 def fp_tensor(conv: Conversion, name: str, x: np.ndarray) -> torch.Tensor:

@@ -20,16 +20,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from zoo_data import attacked_models, paper_split  # noqa: E402
+
 from qcb_onnx import convert  # noqa: E402
-from qcb_onnx.cifar import default_cache_dir, load_cifar10  # noqa: E402
+from qcb_onnx.cifar import default_cache_dir  # noqa: E402
 from qcb_onnx.convert import default_headroom  # noqa: E402
-from qcb_onnx.evaluate import metadata, ort_quantize, score  # noqa: E402
-from qcb_onnx.triggers import Trigger  # noqa: E402
+from qcb_onnx.evaluate import ort_quantize, score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {  # official README reproduction (weights only, activations FP32): FP32, standard, EFRAP as CDA/ASR
@@ -55,23 +55,13 @@ def main() -> None:
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    x_train, _ = load_cifar10("train", None, 0)
-    calib = x_train[np.random.default_rng(0).permutation(len(x_train))[: args.calib_size]]
-    xte, yte = load_cifar10("test", args.test_limit, 0)
+    calib, xte, yte = paper_split(args.calib_size, args.test_limit)
     a_bits = None if args.a_bits == "none" else int(args.a_bits)
     rows = []
-    for path in sorted(Path(args.zoo).glob("*.onnx")):
-        if args.only not in path.stem:
-            continue
-        fp = onnx.load(path)
-        meta = metadata(fp)
-        if "qcb_onnx.attack" not in meta:
-            continue
-        attack = json.loads(meta["qcb_onnx.attack"])
-        bits, per_channel = int(attack["w_bits"]), attack.get("scheme", "pc") == "pc"
-        trigger, target = Trigger.parse(meta["qcb_onnx.trigger"]), int(meta["qcb_onnx.target"])
+    for zm in attacked_models(Path(args.zoo), args.only):
+        fp, attack, bits, per_channel = zm.model, zm.attack, zm.w_bits, zm.per_channel
+        trigger, target = zm.trigger, zm.target
         cells = {}
-        t = time.perf_counter()
         cells["fp32"] = (score("fp32", fp, xte, yte, trigger, target, providers="cpu"), 0.0)
         t = time.perf_counter()
         ref = ort_quantize(fp, calib, bits, a_bits or 8, per_channel)
@@ -84,7 +74,7 @@ def main() -> None:
             secs = time.perf_counter() - t
             cells[method] = (score(method, q, xte, yte, trigger, target, providers="cpu"), secs)
         record = {
-            "model": path.stem,
+            "model": zm.name,
             "attack": attack["name"],
             "w_bits": bits,
             "a_bits": args.a_bits,
@@ -99,9 +89,9 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "cells": {k: {"cda": s.cda, "asr": s.asr, "seconds": round(sec, 1)} for k, (s, sec) in cells.items()},
         }
-        (out / f"{path.stem}-a{args.a_bits}.json").write_text(json.dumps(record, indent=1))
+        (out / f"{zm.name}-a{args.a_bits}.json").write_text(json.dumps(record, indent=1))
         rows.append(record)
-        print(json.dumps(record["cells"]), path.stem, flush=True)
+        print(json.dumps(record["cells"]), zm.name, flush=True)
     methods = ["fp32", "ort", *args.methods.split(",")]
     print(f"\n| model | bits | {' | '.join(methods)} | paper FP32 / standard / EFRAP |")
     print("|---|---|" + "---|" * len(methods) + "---|")

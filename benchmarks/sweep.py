@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
+from zoo_data import attacked_models, paper_split
 
 from qcb_onnx import convert
 from qcb_onnx.attacks.train import export_onnx
-from qcb_onnx.cifar import load_cifar10
-from qcb_onnx.evaluate import metadata, ort_quantize, score
+from qcb_onnx.evaluate import ort_quantize, score
 from qcb_onnx.triggers import Trigger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,18 +44,9 @@ def digits_models(seeds: list[int]):
 
 
 def zoo_models(zoo: Path, only: str):
-    x, _ = load_cifar10("train", None, 0)
-    calib = x[np.random.default_rng(0).permutation(len(x))[:1024]]
-    xte, yte = load_cifar10("test", 2000, 0)
-    for path in sorted(zoo.glob("*.onnx")):
-        fp = onnx.load(path)
-        meta = metadata(fp)
-        if only not in path.stem or "qcb_onnx.attack" not in meta:
-            continue
-        attack = json.loads(meta["qcb_onnx.attack"])
-        bits, per_channel = int(attack["w_bits"]), attack.get("scheme", "pc") == "pc"
-        trigger, target = Trigger.parse(meta["qcb_onnx.trigger"]), int(meta["qcb_onnx.target"])
-        yield path.stem, fp, bits, per_channel, calib, xte, yte, trigger, target
+    calib, xte, yte = paper_split()
+    for zm in attacked_models(zoo, only):
+        yield zm.name, zm.model, zm.w_bits, zm.per_channel, calib, xte, yte, zm.trigger, zm.target
 
 
 def main() -> None:

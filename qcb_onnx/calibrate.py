@@ -88,8 +88,6 @@ def calibrate_activations(
     observed on clean calibration data clip whatever a trigger drives beyond them, and that clipping
     is a quantization-only nonlinearity a backdoor can ride on (BENCHMARKS.md §2): headroom keeps
     such values on the grid at the price of log2(headroom) bits of activation resolution."""
-    if not headroom >= 1.0:
-        raise ValueError(f"activation headroom must be >= 1, got {headroom}")
     grid = activation_grid(a_bits)
     sources = {plan.stats_source.get(t, t) for t in plan.activations}
     rng = np.random.default_rng(seed)

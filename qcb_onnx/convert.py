@@ -45,10 +45,11 @@ class Conversion:
     plan: QuantPlan
     layers: list[LayerReport]
 
-    def simulate(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Our PyTorch simulation of the quantized model (for agreement checks against ORT)."""
-        gm, out = self.graph, []
-        params, hook = self.state.params(gm.device), self.state.hook()
+    def simulate(self, x: np.ndarray, batch_size: int = 256, state: QuantState | None = None) -> np.ndarray:
+        """Our PyTorch simulation of the quantized model (for agreement checks against ORT); `state`
+        overrides the emitted one, e.g. to switch single activation quantizers off."""
+        gm, out, state = self.graph, [], state or self.state
+        params, hook = state.params(gm.device), state.hook()
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 feeds = {gm.input_names[0]: torch.from_numpy(x[i : i + batch_size]).to(gm.device)}
