@@ -26,11 +26,20 @@ from zoo_data import attacked_models, paper_split
 
 from qcb_onnx import convert
 from qcb_onnx.attacks.train import export_onnx
-from qcb_onnx.evaluate import ort_quantize, score
+from qcb_onnx.evaluate import metadata, ort_quantize, score
 from qcb_onnx.triggers import Trigger
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOBS = ("error_budget", "act_headroom")
+
+
+def _value(text: str) -> float | None:
+    return None if text == "auto" else float(text)
+
+
+def _chosen(row: dict) -> str:
+    search = row["budget_search"]
+    return f" (budget {search['chosen']:g})" if search and search["mode"] == "auto" else ""
 
 
 def digits_models(seeds: list[int]):
@@ -52,7 +61,7 @@ def zoo_models(zoo: Path, only: str):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--knob", choices=KNOBS, default="error_budget")
-    ap.add_argument("--values", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
+    ap.add_argument("--values", type=_value, nargs="+", default=[0.1, 0.25, 0.5, 1.0], help="numbers or auto")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-digits", action="store_true", help="only the zoo models")
     ap.add_argument("--a-bits", type=int, choices=(8, 4), default=8)
@@ -77,19 +86,21 @@ def main() -> None:
             q = convert(fp, calib, seed=0, providers="cpu", **options)
             secs = time.perf_counter() - t0
             s = score("efrap", q, xte, yte, trigger, target, providers="cpu")
+            chosen = json.loads(metadata(q).get("qcb_onnx.error_budget", "null"))
             rows.append(
-                {"model": name, **options, "seconds": round(secs, 1),
+                {"model": name, **options, "seconds": round(secs, 1), "budget_search": chosen,
                  "fp32": [fp32.cda, fp32.asr], "ort": [ort.cda, ort.asr] if ort else None, "efrap": [s.cda, s.asr]}
             )  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
-    print("| model | FP32 CDA/ASR | ORT CDA/ASR | " + " | ".join(f"{args.knob} {v}" for v in args.values) + " |")
+    heads = " | ".join(f"{args.knob} {'auto' if v is None else v}" for v in args.values)
+    print(f"| model | FP32 CDA/ASR | ORT CDA/ASR | {heads} |")
     print("|---|---|---|" + "---|" * len(args.values))
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
-        cells = " | ".join(f"{r['efrap'][0]:.2f} / {r['efrap'][1]:.2f}" for r in mine)
+        cells = " | ".join(f"{r['efrap'][0]:.2f} / {r['efrap'][1]:.2f}{_chosen(r)}" for r in mine)
         f, o = mine[0]["fp32"], mine[0]["ort"]
         ort_cell = f"{o[0]:.2f} / {o[1]:.2f}" if o else "-"
         print(f"| {name} | {f[0]:.2f} / {f[1]:.2f} | {ort_cell} | {cells} |")

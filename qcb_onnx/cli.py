@@ -27,6 +27,15 @@ def _bits_or_none(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
 
 
+def _budget(text: str) -> float | None:
+    if text.lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qcb_onnx", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"qcb-onnx {__version__}")
@@ -84,10 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--error-budget",
-        type=float,
-        default=0.25,
+        type=_budget,
+        default=None,
         help="auto strength: share of the reconstruction-error gap between rounding without pull and "
-        "nearest that flipping may spend (default 0.25)",
+        "nearest that flipping may spend, per layer; default auto: 0.25, shrunk per model until the "
+        "calibration images' top-1 agreement with FP32 is within 2 points of rounding without pull's",
     )
     c.add_argument(
         "--reg-weight",

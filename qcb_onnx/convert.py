@@ -14,7 +14,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from . import __version__, large
+from . import __version__, budget, large
 from .calibrate import CALIB_METHODS, calibrate_activations
 from .capture import GraphModule
 from .data import Preprocess, input_specs, load_calibration
@@ -82,7 +82,7 @@ def quantize(
     iters: int | None = None,
     lr: float | None = None,
     strength: float | None = None,
-    error_budget: float = 0.25,
+    error_budget: float | None = None,
     reg_weight: float = 3.0,
     beta: float | None = None,
     guide: str = "element",
@@ -106,6 +106,8 @@ def quantize(
         act_headroom = default_headroom(a_bits)
     if not 1.0 <= act_headroom < math.inf:
         raise UsageError(f"--act-headroom must be a finite number >= 1 (1: ORT's ranges), got {act_headroom}")
+    if error_budget is not None and not 0.0 <= error_budget < math.inf:
+        raise UsageError(f"--error-budget must be a finite number >= 0 (or auto), got {error_budget}")
     if iters is None:
         iters = OFFICIAL_ITERS if method == "efrap-official" else DEFAULT_ITERS
     if iters < 1 or batch_size < 1 or max_rows < 1:
@@ -153,19 +155,45 @@ def quantize(
         iters=iters,
         lr=lr,
         strength=strength,
-        error_budget=error_budget,
+        error_budget=budget.START if error_budget is None else error_budget,
         reg_weight=reg_weight,
         beta=beta,
         guide=guide,
     )
-    ckpt = None
-    if checkpoint is not None:
-        run_id = [__version__, w_bits, a_bits, per_channel, calib_method, act_headroom, max_rows, batch_size, seed]
-        run_id.append(asdict(config))
-        ckpt = Checkpoint(checkpoint, _fingerprint(normalized, arrays, run_id), resume)
-    reports = round_layers(
-        gm, plan, state, batches, n_images, config, w_bits, per_channel, max_rows, seed, progress, ckpt
-    )
+    run_id = [__version__, w_bits, a_bits, per_channel, calib_method, act_headroom, max_rows, batch_size, seed]
+    ckpts: list[Checkpoint] = []
+
+    def round_with(cfg: RoundingConfig, tag: str = "") -> tuple[QuantState, list[LayerReport]]:
+        probe = QuantState(acts=state.acts)
+        if checkpoint is not None:
+            path = Path(checkpoint).with_name(Path(checkpoint).name + tag)
+            ckpts.append(Checkpoint(path, _fingerprint(normalized, arrays, [*run_id, asdict(cfg)]), resume))
+        reports = round_layers(
+            gm, plan, probe, batches, n_images, cfg, w_bits, per_channel, max_rows, seed, progress,
+            ckpts[-1] if checkpoint is not None else None,
+        )  # fmt: skip
+        return probe, reports
+
+    search: dict[str, object] = {"mode": "fixed", "chosen": config.error_budget}  # EFRAP's per-layer budget
+    auto = method == "efrap" and strength is None and error_budget is None
+    labels = budget.fp32_labels(gm, batches()) if auto else None  # None: not a classifier's output
+    if labels is not None:
+
+        def round_at(b: float) -> tuple[QuantState, list[LayerReport]]:
+            cfg = replace(config, strength=0.0) if b == 0.0 else replace(config, error_budget=b)
+            return round_with(cfg, f".b{b:g}")
+
+        chosen, probes = budget.choose_budget(round_at, lambda r: budget.top1_agreement(gm, r[0], batches(), labels))
+        (state, reports), config = chosen.result, replace(config, error_budget=chosen.budget)
+        search = {
+            "mode": "auto",
+            "chosen": chosen.budget,
+            "probes": [{"budget": p.budget, "agreement": round(p.agreement, 2)} for p in probes],
+        }
+    else:
+        if auto:
+            search["mode"] = "fixed: the first output is not (batch, classes), so no agreement to measure"
+        state, reports = round_with(config)
 
     # emit
     if int8_storage:  # same integers and scales in INT8 containers: ORT's CPU EP fuses those, not INT4
@@ -185,6 +213,7 @@ def quantize(
         "calibration_size": str(n_images),
         "seed": str(seed),
         "rounding": {k: v for k, v in asdict(config).items()},
+        **({"error_budget": search} if method == "efrap" and strength is None else {}),
         "flip_ratios": {r.weight: round(r.flip_ratio, 6) for r in reports},
         "layers": [
             {
@@ -205,7 +234,7 @@ def quantize(
     # verify
     if check:
         verify(qdq, gm, state, batches()[0], providers=providers)
-    if ckpt:
+    for ckpt in ckpts:
         ckpt.remove()
     return Conversion(qdq, gm, state, plan, reports)
 

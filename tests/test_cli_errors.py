@@ -143,6 +143,15 @@ def test_bad_act_headroom(capsys, tmp_path, small_model, calib, value):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value", ["-0.1", "nan", "inf"])
+def test_bad_error_budget(capsys, tmp_path, small_model, calib, value):
+    """A budget that is negative or not a number is a usage error naming the option, before any work."""
+    out = tmp_path / "out.onnx"
+    code, err = _run(capsys, "convert", small_model, "--calib", calib, "--out", out, "--quiet", "--error-budget", value)
+    _assert_one_line_error(code, err, UsageError.exit_code, "--error-budget", value)
+    assert not out.exists()
+
+
 def test_existing_output_needs_force(capsys, tmp_path, small_model, calib):
     """An existing output is never overwritten without --force, and is with it."""
     out = tmp_path / "out.onnx"

@@ -1,0 +1,96 @@
+"""EFRAP's error budget chosen per model, from how often the quantized model still agrees with FP32.
+
+The per-layer budget (sequential.py) is relative: flipping may spend a share of the gap between
+rounding without pull and nearest rounding.  Where nearest rounding is very lossy (4-bit weights
+in a network without BatchNorm, e.g. CIFAR AlexNet) a quarter of that gap is a lot of error, and
+EFRAP at 0.25 cost 1.7-2.9 test-CDA points more than rounding without pull on four AlexNet QCBs,
+0.0-1.6 on ResNet-18 / VGG-16 (BENCHMARKS.md §2).  Per-layer error ratios cannot tell those
+models apart (they look alike on all three architectures); the end-to-end effect can.  On the
+calibration images EFRAP at 0.25 changes FP32's top-1 decision on 4.5-6.9 % more images than
+rounding without pull does on those AlexNet models, on 0.5-3.2 % more on ResNet-18 / VGG-16.
+
+So: round once without pull (the reference) and once at the largest budget; while the top-1
+agreement with FP32 on the calibration images falls more than `tolerance` points below the
+reference's, shrink the budget in proportion (the drop grows about linearly with it), never below
+`floor`: some flipping always stays, because a QCB's nearest-rounding pattern must still be
+broken.  No trigger and no labels are needed, as with the per-layer budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import torch
+
+from .capture import GraphModule
+from .quantsim import QuantState
+
+START = 0.25  # the largest budget tried: the fixed default measured in BENCHMARKS.md §2
+TOLERANCE = 2.0  # points of top-1 agreement flipping may cost beyond rounding without pull
+FLOOR = 0.05
+MAX_PROBES = 3  # budgets tried after the reference
+
+T = TypeVar("T")
+
+
+@dataclass
+class Probe(Generic[T]):
+    budget: float  # 0.0: the reference, rounding without pull
+    agreement: float  # % of calibration images whose top-1 class matches FP32's
+    result: T
+
+
+def choose_budget(
+    round_at: Callable[[float], T],
+    agreement: Callable[[T], float],
+    start: float = START,
+    tolerance: float = TOLERANCE,
+    floor: float = FLOOR,
+    max_probes: int = MAX_PROBES,
+) -> tuple[Probe[T], list[Probe[T]]]:
+    """The probe with the largest budget whose agreement is within `tolerance` of the reference's
+    (or the smallest budget tried, if none is), and every probe in the order tried.
+
+    `round_at(0.0)` must round without pull; `round_at(b)` with EFRAP's per-layer budget b."""
+    probes = [Probe(0.0, agreement(reference := round_at(0.0)), reference)]
+    budget = start
+    for _ in range(max_probes):
+        result = round_at(budget)
+        probes.append(Probe(budget, agreement(result), result))
+        drop = probes[0].agreement - probes[-1].agreement
+        if drop <= tolerance or budget <= floor:
+            break
+        budget = max(floor, round(budget * 0.9 * tolerance / drop, 4))
+    tried = probes[1:]
+    within = [p for p in tried if probes[0].agreement - p.agreement <= tolerance]
+    chosen = max(within, key=lambda p: p.budget) if within else min(tried, key=lambda p: p.budget)
+    return chosen, probes
+
+
+def fp32_labels(gm: GraphModule, batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor] | None:
+    """FP32's top-1 class of every calibration sample, batch by batch; None where the first output
+    is not (batch, classes), so there is no decision to agree on (the budget then stays fixed)."""
+    labels = []
+    with torch.no_grad():
+        for feeds in batches:
+            out = gm.run(feeds)[gm.output_names[0]]
+            if out.dim() != 2 or out.shape[1] < 2 or not out.is_floating_point():
+                return None
+            labels.append(out.argmax(1))
+    return labels
+
+
+def top1_agreement(
+    gm: GraphModule, state: QuantState, batches: Sequence[dict[str, torch.Tensor]], labels: list[torch.Tensor]
+) -> float:
+    """% of calibration samples on which the quantized model (our simulation of it) picks FP32's class."""
+    params, hook = state.params(gm.device), state.hook()
+    same = total = 0
+    with torch.no_grad():
+        for feeds, ref in zip(batches, labels, strict=True):
+            out = gm.run(feeds, params=params, on_tensor=hook)[gm.output_names[0]]
+            same += int((out.argmax(1) == ref).sum())
+            total += len(ref)
+    return 100.0 * same / max(total, 1)

@@ -1,0 +1,100 @@
+"""EFRAP's per-model error budget: the search itself (synthetic agreement curves) and what a conversion
+with the default (auto) records and emits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qcb_onnx
+from qcb_onnx.budget import FLOOR, START, TOLERANCE, choose_budget
+
+
+def _search(agreement_at):
+    """choose_budget over a fake rounding whose 'result' is its budget."""
+    return choose_budget(lambda b: b, agreement_at)
+
+
+def test_budget_kept_when_flipping_costs_little_agreement():
+    """Where the largest budget costs less than the tolerance, it is kept after one probe."""
+    chosen, probes = _search(lambda b: 95.0 - 4.0 * b)
+    assert chosen.budget == START
+    assert [p.budget for p in probes] == [0.0, START]
+
+
+def test_budget_shrinks_until_agreement_is_within_tolerance():
+    """A drop that grows linearly with the budget (as measured on AlexNet) is brought within the
+    tolerance by the proportional step, and the largest budget within it is chosen."""
+    chosen, probes = _search(lambda b: 94.0 - 28.0 * b)  # 0.25 costs 7 points
+    assert [p.budget for p in probes][:2] == [0.0, START]
+    assert 0 < chosen.budget < START
+    assert probes[0].agreement - chosen.agreement <= TOLERANCE
+    assert probes[0].agreement - chosen.agreement > TOLERANCE / 2  # not shrunk further than needed
+
+
+def test_budget_never_below_the_floor():
+    """However much flipping costs, some stays: the nearest-rounding pattern a QCB relies on must break."""
+    chosen, probes = _search(lambda b: 94.0 - 1000.0 * b)
+    assert chosen.budget == FLOOR
+    assert min(p.budget for p in probes[1:]) == FLOOR
+
+
+def test_budget_search_needs_no_more_probes_when_the_drop_is_not_linear():
+    """A drop concave in the budget (worse at small budgets than a line predicts) still ends within
+    the probe limit, with a budget inside the tolerance when one was found."""
+    chosen, probes = _search(lambda b: 94.0 - 14.0 * np.sqrt(b))
+    assert len(probes) <= 4
+    within = [p for p in probes[1:] if probes[0].agreement - p.agreement <= TOLERANCE]
+    assert chosen.budget == (max(p.budget for p in within) if within else min(p.budget for p in probes[1:]))
+
+
+def test_auto_budget_is_recorded_and_reproducible(qcb_model, digits):
+    """The default conversion records the search (reference agreement, every budget tried, the one
+    chosen), and its integers are exactly those of a conversion fixed at the chosen budget, so a
+    user can reproduce the model from the metadata."""
+    fp, calib = onnx.load(qcb_model), digits[0][:256]
+    auto = qcb_onnx.convert(fp, calib, w_bits=4, providers="cpu")
+    search = json.loads({p.key: p.value for p in auto.metadata_props}["qcb_onnx.error_budget"])
+    assert search["mode"] == "auto"
+    assert search["probes"][0]["budget"] == 0.0 and search["probes"][1]["budget"] == START
+    assert search["chosen"] in [p["budget"] for p in search["probes"][1:]]
+    fixed = qcb_onnx.convert(fp, calib, w_bits=4, providers="cpu", error_budget=search["chosen"])
+    ints = {t.name: numpy_helper.to_array(t) for t in auto.graph.initializer if t.name.endswith("_quantized")}
+    assert ints
+    for t in fixed.graph.initializer:
+        if t.name in ints:
+            np.testing.assert_array_equal(numpy_helper.to_array(t), ints.pop(t.name))
+    assert not ints
+
+
+def test_budget_stays_fixed_without_a_class_output(tmp_path):
+    """A model whose output is a feature map has no top-1 decision to agree on: the budget stays at its
+    default and the metadata says why."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 1, 3, 3], rng.normal(size=36).astype(np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "fmap",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    out = qcb_onnx.convert(model, rng.random((32, 1, 8, 8), dtype=np.float32), providers="cpu")
+    search = json.loads({p.key: p.value for p in out.metadata_props}["qcb_onnx.error_budget"])
+    assert search["chosen"] == START and search["mode"].startswith("fixed: the first output is not")
+
+
+@pytest.mark.parametrize("options", [{"error_budget": 0.1}, {"strength": 1.0}, {"method": "adaround", "iters": 20}])
+def test_explicit_choices_skip_the_search(qcb_model, digits, options):
+    """A budget or strength the user gives, or another method, is used as given: no search is recorded."""
+    out = qcb_onnx.convert(onnx.load(qcb_model), digits[0][:128], providers="cpu", **options)
+    meta = {p.key: p.value for p in out.metadata_props}
+    if "error_budget" in options:
+        assert json.loads(meta["qcb_onnx.error_budget"]) == {"mode": "fixed", "chosen": 0.1}
+    else:
+        assert "qcb_onnx.error_budget" not in meta
