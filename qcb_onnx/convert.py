@@ -166,7 +166,8 @@ def quantize(
     def round_with(cfg: RoundingConfig, tag: str = "") -> tuple[QuantState, list[LayerReport]]:
         probe = QuantState(acts=state.acts)
         if checkpoint is not None:
-            path = Path(checkpoint).with_name(Path(checkpoint).name + tag)
+            path = Path(checkpoint)
+            path = path.with_name(f"{path.stem}{tag}{path.suffix}")  # one file per budget tried
             ckpts.append(Checkpoint(path, _fingerprint(normalized, arrays, [*run_id, asdict(cfg)]), resume))
         reports = round_layers(
             gm, plan, probe, batches, n_images, cfg, w_bits, per_channel, max_rows, seed, progress,

@@ -26,34 +26,35 @@ def _ints(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def test_interrupted_run_resumes_with_identical_integers(qcb_model, digits, tmp_path, monkeypatch):
-    """Interrupt after two layers, resume: only the remaining layers are optimised and every integer
-    equals the uninterrupted run's."""
+    """Interrupt the error-budget search in its second pass, two layers in; resume: only the layers
+    not yet done are optimised, no checkpoint is left behind, and every integer equals the
+    uninterrupted run's."""
     calib = digits[0][:128]
     options = dict(w_bits=4, iters=60, providers="cpu", seed=3)
-    reference = _ints(quantize(onnx.load(qcb_model), calib, **options).model)
-
     real_solve = weights_module.solve
-    calls = {"n": 0}
+    calls = {"n": 0, "die_at": None}
 
-    def dying_solve(*args, **kwargs):
+    def counting_solve(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == calls["die_at"]:
             raise KeyboardInterrupt
         return real_solve(*args, **kwargs)
 
+    monkeypatch.setattr(weights_module, "solve", counting_solve)
+    reference = _ints(quantize(onnx.load(qcb_model), calib, **options).model)
+    layers, total = 4, calls["n"]
+    assert total >= 2 * layers  # the pass without pull and at least one budget
+
     ckpt = tmp_path / "run.resume.npz"
-    monkeypatch.setattr(weights_module, "solve", dying_solve)
+    calls.update(n=0, die_at=layers + 3)  # after the pass without pull and two layers of the next
     with pytest.raises(KeyboardInterrupt):
         quantize(onnx.load(qcb_model), calib, checkpoint=ckpt, **options)
-    assert ckpt.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.resume.b0.25.npz", "run.resume.b0.npz"]
 
-    calls["n"] = -100  # no more interruptions; count the layers still optimised
-    monkeypatch.setattr(
-        weights_module, "solve", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), real_solve(*a, **k))[1]
-    )
+    calls.update(n=0, die_at=None)
     resumed = quantize(onnx.load(qcb_model), calib, checkpoint=ckpt, **options)
-    assert calls["n"] == -100 + 2  # 4 layers, 2 already done
-    assert not ckpt.exists()  # removed after success
+    assert calls["n"] == total - (layers + 2)
+    assert list(tmp_path.iterdir()) == []  # removed after success
     got = _ints(resumed.model)
     assert got.keys() == reference.keys()
     for name in reference:
@@ -100,10 +101,9 @@ def test_sigkill_then_cli_resume(qcb_model, calib_npy, tmp_path):
     ref_out = tmp_path / "ref.onnx"
     subprocess.run([*base, "--out", str(ref_out)], check=True, capture_output=True)
     out = tmp_path / "out.onnx"
-    ckpt = tmp_path / ".out.onnx.resume.npz"
     proc = subprocess.Popen([*base, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    while not list(tmp_path.glob(".out.onnx.resume*.npz")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     if proc.poll() is not None:
         pytest.skip("conversion finished before it could be killed")
@@ -115,3 +115,4 @@ def test_sigkill_then_cli_resume(qcb_model, calib_npy, tmp_path):
     ref, got = _ints(onnx.load(ref_out)), _ints(onnx.load(out))
     for name in ref:
         np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+    assert not list(tmp_path.glob(".out.onnx.resume*"))
