@@ -7,6 +7,7 @@ written to a temporary file in the destination folder and renamed only after eve
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -34,6 +35,18 @@ def _budget(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def _budget_summary(search: dict) -> str:
+    """One line on how EFRAP's error budget was set, so a shrunk budget is not a surprise."""
+    if search["mode"] != "auto":
+        return f"error budget {search['chosen']:g} ({search['mode']})"
+    ref, *tried = search["probes"]
+    steps = ", ".join(f"{p['budget']:g}: {p['agreement']:.1f} %" for p in tried)
+    return (
+        f"error budget {search['chosen']:g} (auto; top-1 agreement with FP32 on the calibration set: "
+        f"no pull {ref['agreement']:.1f} %, {steps})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +206,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"w_bits={args.w_bits} a_bits={args.a_bits} "
             f"{'per-channel' if args.per_channel else 'per-tensor'}, {meta.get('qcb_onnx.seconds')} s"
         )
+        if "qcb_onnx.error_budget" in meta:
+            print(_budget_summary(json.loads(meta["qcb_onnx.error_budget"])))
     return 0
 
 

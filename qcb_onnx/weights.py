@@ -100,7 +100,7 @@ def round_layers(
     prefix = Prefix(gm, batches())
     reports = []
     done = checkpoint.load() if checkpoint else {}
-    bar = tqdm(plan.layers, desc=f"{config.method} rounding", unit="layer", disable=not progress)
+    bar = tqdm(plan.layers, desc=_describe(config), unit="layer", disable=not progress)
     for layer in bar:
         bar.set_postfix_str(layer.node or layer.weight)
         w = gm.params[layer.weight].detach().cpu().numpy().astype(np.float32)
@@ -129,6 +129,15 @@ def round_layers(
             done[layer.weight] = (ints, reports[-1])
             checkpoint.save(done)
     return reports
+
+
+def _describe(config: RoundingConfig) -> str:
+    """The progress bar's label: which of the budget search's passes is running, when it is one."""
+    if config.method != "efrap":
+        return f"{config.method} rounding"
+    if config.strength is not None:
+        return "efrap rounding, no pull (reference)" if config.strength == 0 else "efrap rounding"
+    return f"efrap rounding, budget {config.error_budget:g}"
 
 
 class Prefix:

@@ -98,3 +98,20 @@ def test_explicit_choices_skip_the_search(qcb_model, digits, options):
         assert json.loads(meta["qcb_onnx.error_budget"]) == {"mode": "fixed", "chosen": 0.1}
     else:
         assert "qcb_onnx.error_budget" not in meta
+
+
+def test_cli_says_how_the_budget_was_set(qcb_model, calib_npy, tmp_path, capsys):
+    """`convert` prints the chosen budget and the agreements behind it, matching the metadata."""
+    from qcb_onnx.cli import main
+
+    out = tmp_path / "auto.onnx"
+    assert main(["convert", str(qcb_model), "--calib", str(calib_npy), "--out", str(out), "--w-bits", "4"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("error budget"))
+    search = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}["qcb_onnx.error_budget"])
+    assert line.startswith(f"error budget {search['chosen']:g} (auto; top-1 agreement")
+    assert f"no pull {search['probes'][0]['agreement']:.1f} %" in line
+
+    fixed = tmp_path / "fixed.onnx"
+    argv = ["convert", str(qcb_model), "--calib", str(calib_npy), "--out", str(fixed), "--error-budget", "0.1"]
+    assert main(argv) == 0
+    assert "error budget 0.1 (fixed)" in capsys.readouterr().out.splitlines()
