@@ -2,12 +2,11 @@
 
 The per-layer budget (sequential.py) is relative: flipping may spend a share of the gap between
 rounding without pull and nearest rounding.  Where nearest rounding is very lossy (4-bit weights
-in a network without BatchNorm, e.g. CIFAR AlexNet) a quarter of that gap is a lot of error, and
-EFRAP at 0.25 cost 1.7-2.9 test-CDA points more than rounding without pull on four AlexNet QCBs,
-0.0-1.6 on ResNet-18 / VGG-16 (BENCHMARKS.md §2).  Per-layer error ratios cannot tell those
-models apart (they look alike on all three architectures); the end-to-end effect can.  On the
-calibration images EFRAP at 0.25 changes FP32's top-1 decision on 4.5-6.9 % more images than
-rounding without pull does on those AlexNet models, on 0.5-3.2 % more on ResNet-18 / VGG-16.
+in a network without BatchNorm, e.g. CIFAR AlexNet) a quarter of that gap is a lot of error: at a
+fixed 0.25 EFRAP cost 2.3-3.8 CDA points on four AlexNet QCBs (BENCHMARKS.md §2).  Each layer's
+budget is relative to its own gap, so what a model loses shows only end to end: on the calibration
+images, budget 0.25 changes FP32's top-1 decision on 4.5-6.9 % more images than rounding without
+pull on those AlexNet models, on at most 3.2 % more on 24 ResNet-18 / VGG-16 ones.
 
 So: round once without pull (the reference) and once at the largest budget; while the top-1
 agreement with FP32 on the calibration images falls more than `tolerance` points below the
