@@ -19,22 +19,19 @@ from .output import write_atomic
 EXIT_INTERRUPTED = 130
 
 
-def _bits_or_none(text: str) -> int | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+def _number_or(word: str, kind: type[int] | type[float]):
+    """An argparse type: a number of `kind`, or `word` (case-insensitive) meaning None."""
 
+    def parse(text: str) -> int | float | None:
+        if text.lower() == word:
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what} or {word!r}, got {text!r}") from None
 
-def _budget(text: str) -> float | None:
-    if text.lower() == "auto":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    return parse
 
 
 def _budget_summary(search: dict) -> str:
@@ -67,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "default), for reference: hours on a CPU",
     )
     c.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8 (default 8)")
-    c.add_argument("--a-bits", type=_bits_or_none, default=8, help="activation bits: 8, 4 or none (default 8)")
+    bits_or_none = _number_or("none", int)
+    c.add_argument("--a-bits", type=bits_or_none, default=8, help="activation bits: 8, 4 or none (default 8)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True, help="(default)")
     g.add_argument("--per-tensor", dest="per_channel", action="store_false")
@@ -106,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--error-budget",
-        type=_budget,
+        type=_number_or("auto", float),
         default=None,
         help="auto strength: share of the reconstruction-error gap between rounding without pull and "
         "nearest that flipping may spend, per layer; default auto: 0.25, shrunk per model until the "
@@ -150,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calib", default=None, help="calibration data for --baseline (default: --data)")
     e.add_argument("--calib-size", type=int, default=1024)
     e.add_argument("--w-bits", type=int, default=None, help="baseline weight bits (default: from a qcb-onnx model)")
-    e.add_argument("--a-bits", type=_bits_or_none, default=None)
+    e.add_argument("--a-bits", type=bits_or_none, default=None)
     e.add_argument("--per-tensor", action="store_true", default=None)
     e.add_argument("--preprocess", default=None)
     e.add_argument("--limit", type=int, default=None, help="evaluate on at most this many test samples (seeded)")

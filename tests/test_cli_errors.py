@@ -134,21 +134,16 @@ def test_missing_calibration_file(capsys, tmp_path, small_model):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("value", ["0.5", "nan", "inf"])
-def test_bad_act_headroom(capsys, tmp_path, small_model, calib, value):
-    """A headroom that would shrink ranges or make no grid is a usage error naming the option."""
+@pytest.mark.parametrize(
+    "option,value",
+    [("--act-headroom", v) for v in ("0.5", "nan", "inf")] + [("--error-budget", v) for v in ("-0.1", "nan", "inf")],
+)
+def test_bad_number_options(capsys, tmp_path, small_model, calib, option, value):
+    """A headroom that would shrink ranges or make no grid, a negative or non-finite error budget: a
+    usage error naming the option, before any work and with no output."""
     out = tmp_path / "out.onnx"
-    code, err = _run(capsys, "convert", small_model, "--calib", calib, "--out", out, "--quiet", "--act-headroom", value)
-    _assert_one_line_error(code, err, UsageError.exit_code, "--act-headroom", value)
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("value", ["-0.1", "nan", "inf"])
-def test_bad_error_budget(capsys, tmp_path, small_model, calib, value):
-    """A budget that is negative or not a number is a usage error naming the option, before any work."""
-    out = tmp_path / "out.onnx"
-    code, err = _run(capsys, "convert", small_model, "--calib", calib, "--out", out, "--quiet", "--error-budget", value)
-    _assert_one_line_error(code, err, UsageError.exit_code, "--error-budget", value)
+    code, err = _run(capsys, "convert", small_model, "--calib", calib, "--out", out, "--quiet", option, value)
+    _assert_one_line_error(code, err, UsageError.exit_code, option, value)
     assert not out.exists()
 
 
