@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -35,10 +35,9 @@ T = TypeVar("T")
 
 
 @dataclass
-class Probe(Generic[T]):
+class Probe:
     budget: float  # 0.0: the reference, rounding without pull
     agreement: float  # % of calibration images whose top-1 class matches FP32's
-    result: T
 
 
 def choose_budget(
@@ -48,24 +47,24 @@ def choose_budget(
     tolerance: float = TOLERANCE,
     floor: float = FLOOR,
     max_probes: int = MAX_PROBES,
-) -> tuple[Probe[T], list[Probe[T]]]:
-    """The probe with the largest budget whose agreement is within `tolerance` of the reference's
-    (or the smallest budget tried, if none is), and every probe in the order tried.
+) -> tuple[T, list[Probe]]:
+    """The rounding at the chosen budget, and every budget tried with its agreement, in order.
 
-    `round_at(0.0)` must round without pull; `round_at(b)` with EFRAP's per-layer budget b."""
-    probes = [Probe(0.0, agreement(reference := round_at(0.0)), reference)]
+    `round_at(0.0)` must round without pull; `round_at(b)` with EFRAP's per-layer budget b.  Budgets
+    only fall and the search stops at the first within `tolerance` (or at the floor, or after
+    `max_probes`), so the last one tried is the one chosen and no earlier rounding is kept: a large
+    model's integers are held at most twice."""
+    probes = [Probe(0.0, agreement(round_at(0.0)))]
     budget = start
-    for _ in range(max_probes):
+    for attempt in range(max_probes):
         result = round_at(budget)
-        probes.append(Probe(budget, agreement(result), result))
+        probes.append(Probe(budget, agreement(result)))
         drop = probes[0].agreement - probes[-1].agreement
-        if drop <= tolerance or budget <= floor:
-            break
+        if drop <= tolerance or budget <= floor or attempt == max_probes - 1:
+            return result, probes
+        del result
         budget = max(floor, round(budget * 0.9 * tolerance / drop, 4))
-    tried = probes[1:]
-    within = [p for p in tried if probes[0].agreement - p.agreement <= tolerance]
-    chosen = max(within, key=lambda p: p.budget) if within else min(tried, key=lambda p: p.budget)
-    return chosen, probes
+    raise ValueError("max_probes must be at least 1")
 
 
 def fp32_labels(gm: GraphModule, batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor] | None:

@@ -184,11 +184,13 @@ def quantize(
             cfg = replace(config, strength=0.0) if b == 0.0 else replace(config, error_budget=b)
             return round_with(cfg, f".b{b:g}")
 
-        chosen, probes = budget.choose_budget(round_at, lambda r: budget.top1_agreement(gm, r[0], batches(), labels))
-        (state, reports), config = chosen.result, replace(config, error_budget=chosen.budget)
+        (state, reports), probes = budget.choose_budget(
+            round_at, lambda r: budget.top1_agreement(gm, r[0], batches(), labels)
+        )
+        config = replace(config, error_budget=probes[-1].budget)
         search = {
             "mode": "auto",
-            "chosen": chosen.budget,
+            "chosen": probes[-1].budget,
             "probes": [{"budget": p.budget, "agreement": round(p.agreement, 2)} for p in probes],
         }
     else:
