@@ -84,11 +84,8 @@ def top1_agreement(
     gm: GraphModule, state: QuantState, batches: Sequence[dict[str, torch.Tensor]], labels: list[torch.Tensor]
 ) -> float:
     """% of calibration samples on which the quantized model (our simulation of it) picks FP32's class."""
-    params, hook = state.params(gm.device), state.hook()
     same = total = 0
-    with torch.no_grad():
-        for feeds, ref in zip(batches, labels, strict=True):
-            out = gm.run(feeds, params=params, on_tensor=hook)[gm.output_names[0]]
-            same += int((out.argmax(1) == ref).sum())
-            total += len(ref)
+    for out, ref in zip(state.outputs(gm, batches), labels, strict=True):
+        same += int((out.argmax(1) == ref).sum())
+        total += len(ref)
     return 100.0 * same / max(total, 1)

@@ -48,13 +48,10 @@ class Conversion:
     def simulate(self, x: np.ndarray, batch_size: int = 256, state: QuantState | None = None) -> np.ndarray:
         """Our PyTorch simulation of the quantized model (for agreement checks against ORT); `state`
         overrides the emitted one, e.g. to switch single activation quantizers off."""
-        gm, out, state = self.graph, [], state or self.state
-        params, hook = state.params(gm.device), state.hook()
-        with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                feeds = {gm.input_names[0]: torch.from_numpy(x[i : i + batch_size]).to(gm.device)}
-                out.append(gm.run(feeds, params=params, on_tensor=hook)[gm.output_names[0]].cpu().numpy())
-        return np.concatenate(out)
+        gm, state = self.graph, state or self.state
+        name = gm.input_names[0]
+        batches = ({name: torch.from_numpy(x[i : i + batch_size]).to(gm.device)} for i in range(0, len(x), batch_size))
+        return np.concatenate([out.cpu().numpy() for out in state.outputs(gm, batches)])
 
 
 def convert(model: str | Path | onnx.ModelProto, calibration: Any, **options: Any) -> onnx.ModelProto:

@@ -7,13 +7,17 @@ Keeping one source of truth is what lets us promise that ORT runs the model EFRA
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .scheme import Grid, broadcast_scale
+
+if TYPE_CHECKING:
+    from .capture import GraphModule
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -72,6 +76,14 @@ class QuantState:
             return value if q is None else fake_quant(value, q)
 
         return on_tensor
+
+    def outputs(self, gm: GraphModule, batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        """The quantized model's first output, batch by batch, in our simulation: what the ORT
+        check, the error-budget search and `Conversion.simulate` all compare against."""
+        params, hook = self.params(gm.device), self.hook()
+        with torch.no_grad():
+            for feeds in batches:
+                yield gm.run(feeds, params=params, on_tensor=hook)[gm.output_names[0]]
 
 
 def fake_quant(x: torch.Tensor, q: ActQuant) -> torch.Tensor:

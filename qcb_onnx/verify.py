@@ -36,9 +36,7 @@ def verify(
         ort_out = sess.run(None, {k: v.cpu().numpy() for k, v in feeds.items()})[0]
     except Exception as exc:  # noqa: BLE001
         raise VerificationError(f"ONNX Runtime cannot run the written model: {str(exc).splitlines()[0]}") from None
-    with torch.no_grad():
-        sim = gm.run(feeds, params=state.params(gm.device), on_tensor=state.hook())[gm.output_names[0]]
-    sim = sim.cpu().numpy()
+    sim = next(state.outputs(gm, [feeds])).cpu().numpy()
     if ort_out.shape != sim.shape:
         raise VerificationError(f"ORT output shape {ort_out.shape} differs from simulation {sim.shape}")
     if ort_out.ndim < 2 or ort_out.shape[-1] < 2:
