@@ -30,7 +30,7 @@ for arch in "${archs[@]}"; do
     for scheme in "" "--per-tensor"; do
         python benchmarks/make_zoo.py --archs "$arch" --width $width --limit 25000 --test-limit 2000 --clean-epochs $clean \
             --epochs 3 --bits 4,8 $scheme --attacks quanti,pqbackdoor,compartifact \
-            --lr quanti=3e-4,compartifact=3e-4 \
+            --lr vgg16:quanti-w4pc=1e-3,quanti=3e-4,compartifact=3e-4 \
             --attack-epochs quanti=6,quanti-w8pc=10,pqbackdoor=4,pqbackdoor-w8=5,compartifact=3,compartifact-w8=5,$epochs \
             --widen $wider,quanti-w8pc=8,compartifact-w8pc=8,pqbackdoor-w8pc=4,quanti-w8pt=8,compartifact-w8pt=8,pqbackdoor-w8pt=8 \
             --anchor quanti-w8pt=largest,compartifact-w8pt=largest,pqbackdoor-w8pt=largest \
