@@ -184,10 +184,10 @@ def quantize(
         (state, reports), probes = budget.choose_budget(
             round_at, lambda r: budget.top1_agreement(gm, r[0], batches(), labels)
         )
-        config = replace(config, error_budget=probes[-1].budget)
+        config = replace(config, error_budget=probes[-1].budget)  # the last budget tried is the one chosen
         search = {
             "mode": "auto",
-            "chosen": probes[-1].budget,
+            "chosen": config.error_budget,
             "probes": [{"budget": p.budget, "agreement": round(p.agreement, 2)} for p in probes],
         }
     else:
