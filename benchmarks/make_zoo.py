@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--lr", default="", help="learning rates keyed like --attack-epochs, e.g. quanti-w8=1e-4")
     p.add_argument("--widen", default="", help="bin widening (attacks.common.widen_bins), keyed like --attack-epochs")
-    p.add_argument("--anchor", default="", help="where widening puts its outliers, largest|quiet, keyed likewise")
+    p.add_argument("--anchor", default="", help="where widening puts its outliers: quiet|fitted|largest, keyed so")
     return p.parse_args(argv)
 
 

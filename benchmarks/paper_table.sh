@@ -7,8 +7,9 @@
 # which has no BatchNorm and costs ~12x less per width: width 32, 30 clean epochs); the three
 # attacks against ORT quantize_static W4A8 and W8A8, per channel and per tensor, with the per-attack
 # epochs, learning rates and bin widening below: the 8-bit attacks anchor one weight per channel (per
-# tensor: per layer) at K times the largest, per channel at quiet places fitted so the model barely
-# changes, per tensor on the largest weight itself, the recipe the committed zoo was built with
+# tensor: per layer) at K times the largest, per channel at quiet places compensated so the model
+# barely changes, per tensor on the largest weight itself (ResNet-18's CompArtifact W8 pc and
+# PQBackdoor W8: 'fitted', compensated layer by layer), the recipes the committed zoo was built with
 # (attacks/common.py:widen_bins); cached models are reused; then measures FP32, ORT, nearest,
 # AdaRound and EFRAP in ONNX Runtime. Every cell lands in benchmarks/results/paper_table/<model>-a8.json
 # and the zoo's own measurements in $ZOO/zoo.json. Time on the 2-core CPU for VGG-16 w16: 6 min of clean
@@ -22,18 +23,19 @@ archs=("$@")
 [ ${#archs[@]} -eq 0 ] && archs=(resnet18 vgg16 alexnet)
 # Recipes that differ by architecture are keyed 'arch:' (make_zoo.py picks the most specific key).
 epochs="vgg16:pqbackdoor-w4pt=5,alexnet:quanti-w4pc=10,alexnet:pqbackdoor-w4=6,alexnet:quanti-w8pt=10"
-epochs+=",alexnet:compartifact-w4=10,alexnet:compartifact-w8=20"
-wider="alexnet:quanti-w8pc=16,alexnet:compartifact-w8pc=16,alexnet:pqbackdoor-w8pc=8"
+epochs+=",alexnet:compartifact-w4=10,alexnet:compartifact-w8=20,resnet18:compartifact-w8pc=7"
+wider="alexnet:quanti-w8pc=16,alexnet:compartifact-w8pc=16,alexnet:pqbackdoor-w8pc=8,resnet18:pqbackdoor-w8=3"
+anchors="resnet18:compartifact-w8pc=fitted,resnet18:pqbackdoor-w8=fitted"
 for arch in "${archs[@]}"; do
     width=16 clean=15
     [ "$arch" = alexnet ] && width=32 clean=30
     for scheme in "" "--per-tensor"; do
         python benchmarks/make_zoo.py --archs "$arch" --width $width --limit 25000 --test-limit 2000 --clean-epochs $clean \
             --epochs 3 --bits 4,8 $scheme --attacks quanti,pqbackdoor,compartifact \
-            --lr vgg16:quanti-w4pc=1e-3,quanti=3e-4,compartifact=3e-4 \
+            --lr vgg16:quanti-w4pc=1e-3,resnet18:pqbackdoor-w8=3e-4,quanti=3e-4,compartifact=3e-4 \
             --attack-epochs quanti=6,quanti-w8pc=10,pqbackdoor=4,pqbackdoor-w8=5,compartifact=3,compartifact-w8=5,$epochs \
             --widen $wider,quanti-w8pc=8,compartifact-w8pc=8,pqbackdoor-w8pc=4,quanti-w8pt=8,compartifact-w8pt=8,pqbackdoor-w8pt=8 \
-            --anchor quanti-w8pt=largest,compartifact-w8pt=largest,pqbackdoor-w8pt=largest \
+            --anchor $anchors,quanti-w8pt=largest,compartifact-w8pt=largest,pqbackdoor-w8pt=largest \
             --cache "$ZOO"
     done
 done

@@ -1,6 +1,6 @@
-"""What bin widening alone costs a clean model, before any attack training: largest vs quiet anchors.
+"""What bin widening alone costs a clean model, before any attack training, per anchor placement.
 
-    python benchmarks/widen_cost.py --arch vgg16 --zoo ~/.cache/qcb_onnx/zoo_cpu     # ~2 min on the CPU
+    python benchmarks/widen_cost.py --arch vgg16 --zoo ~/.cache/qcb_onnx/zoo_cpu     # ~3 min on the CPU
 
 Loads the zoo's clean checkpoint (<arch>-w16-s0-clean.pt, made by make_zoo.py), folds BatchNorm,
 applies `widen_bins` for each scheme (per channel, per tensor), factor K and anchor placement, and
@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qcb_onnx.attacks import ANCHORS  # noqa: E402
 from qcb_onnx.attacks.common import anchor_probe, widen_bins  # noqa: E402
 from qcb_onnx.attacks.train import export_onnx  # noqa: E402
 from qcb_onnx.cifar import default_cache_dir, load_cifar10  # noqa: E402
@@ -49,7 +50,7 @@ def main() -> None:
     results = {}
     for per_channel in (True, False):
         for factor in [float(k) for k in ["1", *args.factors.split(",")]]:
-            for anchor in ("largest", "quiet") if factor > 1 else ("largest",):
+            for anchor in ANCHORS if factor > 1 else ("largest",):
                 fused = fuse_batchnorm(model)
                 for h in widen_bins(fused, factor, per_channel, anchor, probe):
                     h.remove()

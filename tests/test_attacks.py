@@ -178,7 +178,7 @@ def test_attack_cli_writes_model_with_metadata(tmp_path, capsys):
         cmd_attack(parser.parse_args([*argv, "--force", "--widen", "0.5"]))
 
 
-@pytest.mark.parametrize("anchor", ["largest", "quiet"])
+@pytest.mark.parametrize("anchor", ["largest", "quiet", "fitted"])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_widen_bins_multiplies_ort_scale_and_freezes_anchors(per_channel, anchor, clean_models, digits):
     """widen_bins raises every channel's (or the tensor's) absmax, hence ORT's weight scale, by exactly
@@ -244,6 +244,30 @@ def test_quiet_anchors_change_the_function_less(per_channel, clean_models, digit
     assert moved["quiet"] * 3 < moved["largest"], moved
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_fitted_anchors_keep_a_deep_network_closer_than_quiet_ones(per_channel):
+    """Why "fitted" exists: on a deep network (ResNet-18) quiet anchors' per-layer residues compound,
+    while fitting layer by layer to the clean model's outputs absorbs them, so the same widening
+    (factor 8, same ORT scales) moves held-out logits several times less."""
+    from qcb_onnx.attacks.common import widen_bins
+    from qcb_onnx.zoo import build, fuse_batchnorm
+
+    torch.manual_seed(0)
+    clean = fuse_batchnorm(build("resnet18", 4, 10, 3))
+    rng = np.random.default_rng(0)
+    fit_on, held_out = (torch.from_numpy(rng.random((n, 3, 32, 32), dtype=np.float32)) for n in (128, 64))
+    with torch.no_grad():
+        ref = clean(held_out)
+    moved = {}
+    for anchor in ("quiet", "fitted"):
+        model = fuse_batchnorm(clean)
+        for h in widen_bins(model, 8.0, per_channel, anchor, fit_on.numpy()):
+            h.remove()
+        with torch.no_grad():
+            moved[anchor] = float((model(held_out) - ref).abs().mean())
+    assert moved["fitted"] * 3 < moved["quiet"], moved
+
+
 def anchor_mask(w, per_channel):
     """Where each channel's (or the tensor's) largest-magnitude weight sits."""
     flat = weight_rows(w, per_channel).abs()
@@ -251,9 +275,10 @@ def anchor_mask(w, per_channel):
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
-def test_quiet_anchors_fit_grouped_convolutions(per_channel):
-    """Quiet anchors work on depthwise/grouped convolutions (MobileNet-V2): each channel is fitted on
-    its own group's inputs and every layer's ORT scale still grows by exactly the factor."""
+@pytest.mark.parametrize("anchor", ["quiet", "fitted"])
+def test_compensated_anchors_fit_grouped_convolutions(per_channel, anchor):
+    """Quiet and fitted anchors work on depthwise/grouped convolutions (MobileNet-V2): each channel is
+    fitted on its own group's inputs and every layer's ORT scale still grows by exactly the factor."""
     from qcb_onnx.attacks.common import widen_bins
     from qcb_onnx.fakequant import quant_layers, weight_scale
     from qcb_onnx.zoo import build, fuse_batchnorm
@@ -263,7 +288,7 @@ def test_quiet_anchors_fit_grouped_convolutions(per_channel):
     assert any(m.groups > 1 for m in quant_layers(model) if isinstance(m, torch.nn.Conv2d))
     x = np.random.default_rng(0).random((16, 3, 32, 32), dtype=np.float32)
     before = [weight_scale(m.weight, 8, per_channel) for m in quant_layers(model)]
-    for h in widen_bins(model, 4.0, per_channel, "quiet", x):
+    for h in widen_bins(model, 4.0, per_channel, anchor, x):
         h.remove()
     for m, s in zip(quant_layers(model), before, strict=True):
         torch.testing.assert_close(weight_scale(m.weight, 8, per_channel), 4 * s)

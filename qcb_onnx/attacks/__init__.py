@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..triggers import Trigger
 
 ATTACKS = ("quanti", "compartifact", "pqbackdoor")
-ANCHORS = ("quiet", "largest")  # where widen_bins puts its outliers
+ANCHORS = ("quiet", "fitted", "largest")  # where widen_bins puts its outliers
 
 
 def run_attack(
@@ -46,8 +46,9 @@ def run_attack(
     `widen` > 1 first anchors one weight per channel at `widen` times the channel's largest magnitude
     (see common.widen_bins): the published attacks then work on a victim grid that is effectively
     coarser, which is how an attacker reaches 8-bit victims whose bins are otherwise too narrow.
-    `anchor` places those outliers: "quiet" (fitted on 256 of the training images so the function
-    barely changes) or "largest" (the largest weight itself)."""
+    `anchor` places those outliers: "quiet" (compensated on 256 of the training images so the
+    function barely changes), "fitted" (the same, layer by layer, each layer refitted to the clean
+    model's outputs: for deep networks) or "largest" (the largest weight itself)."""
     from ..zoo import fuse_batchnorm
     from .common import anchor_probe, widen_bins
     from .compartifact import compartifact_attack

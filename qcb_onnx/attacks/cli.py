@@ -65,6 +65,7 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
         default="quiet",
         choices=ANCHORS,
         help="where --widen puts its outliers: 'quiet' (default) where the rest of the channel cancels them, "
+        "'fitted' likewise but layer by layer, refitting each layer to the clean model's outputs (deep nets), "
         "'largest' on the largest weight itself",
     )
     a.add_argument("--clean-lr", type=float, default=2e-3)

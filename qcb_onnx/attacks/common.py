@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
@@ -117,6 +119,114 @@ def quiet_anchors(layer: nn.Module, mean: torch.Tensor, cov: torch.Tensor, facto
     return mask.reshape(w.shape).to(w.device)
 
 
+def _forward_order(model: nn.Module, xb: torch.Tensor) -> list[nn.Module]:
+    """The quantizable layers in the order a forward pass reaches them (upstream before downstream)."""
+    seen: list[nn.Module] = []
+    handles = [m.register_forward_hook(lambda mod, *_: seen.append(mod)) for m in quant_layers(model)]
+    try:
+        with torch.no_grad():
+            model(xb)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(seen))
+
+
+def _layer_io(model: nn.Module, layer: nn.Module, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's input and output on a batch."""
+    got = []
+    handle = layer.register_forward_hook(lambda _m, i, o: got.append((i[0], o)))
+    try:
+        with torch.no_grad():
+            model(xb)
+    finally:
+        handle.remove()
+    return got[0]
+
+
+def _patches(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+    """[groups, M, D]: the D input values each output row's weights multiply, per group."""
+    groups = getattr(layer, "groups", 1)
+    if isinstance(layer, nn.Conv2d):
+        cols = nn.functional.unfold(inp, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        cols = inp.reshape(-1, inp.shape[-1])
+    return cols.double().reshape(len(cols), groups, -1).transpose(0, 1)
+
+
+def _rows_out(out: torch.Tensor) -> torch.Tensor:
+    """[M, C] output rows in the order _patches lists the patches (batch, then position)."""
+    return (out.permute(0, 2, 3, 1) if out.dim() == 4 else out).reshape(-1, out.shape[1]).double()
+
+
+def fitted_anchors(
+    model: nn.Module, x: np.ndarray, factor: float, per_channel: bool, batch_size: int = 32
+) -> dict[nn.Module, torch.Tensor]:
+    """Place the anchors layer by layer, refitting each layer so the widened network reproduces the
+    clean one's pre-activations; returns each layer's anchor mask.
+
+    Quiet anchors compensate each layer for its own anchor only, on the clean model's inputs, so the
+    residual noise of 20 layers compounds (ResNet-18 w16, K = 8 per channel: 78.9 -> 16 % CDA).  Here
+    the layers are visited in forward order and each is refitted by least squares (bias included) on
+    the inputs the already-widened layers before it actually produce, towards the clean layer's
+    outputs; the anchor then goes where the Optimal Brain Surgeon step from that refit costs least,
+    and the step compensates it.  Each layer so also absorbs the drift of the ones before it."""
+    clean = copy.deepcopy(model).eval()
+    xs = [torch.as_tensor(x[i : i + batch_size], dtype=torch.float32) for i in range(0, len(x), batch_size)]
+    dev = next(model.parameters()).device
+    xs = [xb.to(dev) for xb in xs]
+    clean_of = dict(zip(quant_layers(model), quant_layers(clean), strict=True))
+    masks = {}
+    for layer in _forward_order(model, xs[0]):
+        w, groups, has_bias = layer.weight, getattr(layer, "groups", 1), layer.bias is not None
+        per_group = w.shape[0] // groups
+        hess, cross, n = 0, 0, 0
+        for xb in xs:
+            inp, _ = _layer_io(model, layer, xb)
+            _, want = _layer_io(clean, clean_of[layer], xb)
+            cols = _patches(layer, inp).cpu()  # [G, M, D]
+            if has_bias:
+                cols = torch.cat([cols, torch.ones_like(cols[..., :1])], dim=2)
+            want = _rows_out(want).cpu().reshape(-1, groups, per_group).transpose(0, 1)  # [G, M, per_group]
+            hess, cross, n = hess + cols.transpose(1, 2) @ cols, cross + cols.transpose(1, 2) @ want, n + cols.shape[1]
+        hess, cross = hess / n, cross / n
+        d = w[0].numel()  # weights per row; a bias column, if any, follows them undamped
+        damp = torch.zeros(hess.shape[-1], dtype=hess.dtype)
+        damp[:d] = 1.0
+        scale = 1e-2 * torch.diagonal(hess, dim1=1, dim2=2)[:, :d].mean(dim=1).clamp_min(1e-12)  # [G]
+        ridge = scale[:, None, None] * torch.diag(damp)  # pulls the refit towards the clean weights
+        old = clean_of[layer].weight.detach().double().cpu().reshape(w.shape[0], -1)
+        prior = torch.cat([old, torch.zeros(len(old), hess.shape[-1] - d, dtype=old.dtype)], dim=1)
+        prior = prior.reshape(groups, per_group, -1).transpose(1, 2)  # [G, D+1, per_group]
+        hinv = torch.linalg.inv(hess + ridge)  # [G, D+1, D+1]
+        fit = (hinv @ (cross + ridge @ prior)).transpose(1, 2).reshape(w.shape[0], -1)  # [C, D+1]
+        group = torch.arange(w.shape[0]) // per_group
+        diag = torch.diagonal(hinv, dim1=1, dim2=2)[group, :d]  # [C, D]
+        absmax = old.abs().amax(dim=1, keepdim=True) if per_channel else old.abs().amax()
+        target = torch.where(fit[:, :d] < 0, -1.0, 1.0).to(fit.dtype) * factor * absmax  # [C, D]
+        delta = target - fit[:, :d]
+        cost = delta**2 / diag
+        if per_channel:
+            chan, pos = torch.arange(w.shape[0]), cost.argmin(dim=1)
+        else:
+            flat = int(cost.argmin())
+            chan, pos = torch.tensor([flat // d]), torch.tensor([flat % d])
+        new = fit.clone()
+        new[chan] += (delta[chan, pos] / diag[chan, pos]).unsqueeze(1) * hinv[group[chan], :, pos]
+        limit = target[chan, pos].abs().unsqueeze(1) if per_channel else target[chan, pos].abs()
+        new[:, :d] = torch.minimum(torch.maximum(new[:, :d], -limit), limit)  # the anchor stays the absmax
+        new[chan, pos] = target[chan, pos]  # exact despite rounding in the solve
+        mask = torch.zeros(w.shape[0], d, dtype=torch.bool)
+        mask[chan, pos] = True
+        with torch.no_grad():
+            w.copy_(new[:, :d].reshape(w.shape).to(w.dtype))
+            if has_bias:
+                layer.bias.copy_(new[:, d].to(layer.bias.dtype))
+        masks[layer] = mask.reshape(w.shape).to(w.device)
+    return masks
+
+
 def check_widening(factor: float, anchor: str) -> None:
     """Reject a widening recipe before any training is spent on it."""
     if factor < 1:
@@ -149,18 +259,24 @@ def widen_bins(
     `anchor` says where the outliers go.  "largest" scales the largest weight itself (per tensor one
     outlier per layer; per channel one per channel, a large change to the function).  "quiet" puts
     each where the rest of its channel can best cancel it on the input samples `x`, and compensates
-    the rest (quiet_anchors), so the function barely changes even per channel.
+    the rest (quiet_anchors), so the function barely changes even per channel.  "fitted" does the
+    same layer by layer on the inputs the widened layers before it produce, refitting each layer to
+    the clean one's outputs (fitted_anchors): on deep networks, where quiet anchors' residues compound,
+    far less changes (ResNet-18 w16, K = 8 per channel: 16 % CDA left with quiet anchors, 74 % fitted).
     Returns the gradient-hook handles; remove them when the attack is done.  factor 1 changes nothing."""
     check_widening(factor, anchor)
     if factor == 1:
         return []
-    if anchor == "quiet" and x is None:
-        raise UsageError("quiet anchors need input samples to fit the rest of each channel to them")
+    if anchor != "largest" and x is None:
+        raise UsageError(f"{anchor} anchors need input samples to fit the rest of each channel to them")
     stats = input_statistics(model, x) if anchor == "quiet" else {}
+    fitted = fitted_anchors(model, x, factor, per_channel) if anchor == "fitted" else {}
     handles = []
     for layer in quant_layers(model):
         w = layer.weight
-        if anchor == "quiet":
+        if anchor == "fitted":
+            mask = fitted[layer]
+        elif anchor == "quiet":
             mask = quiet_anchors(layer, *stats[layer], factor, per_channel)
         else:
             flat = weight_rows(w, per_channel)

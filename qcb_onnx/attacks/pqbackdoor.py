@@ -69,7 +69,6 @@ def pqbackdoor_attack(
     epochs: int = 20,
     stage1_epochs: int | None = None,
     lr: float = 1e-3,
-    stage1_lr: float = 1e-3,
     poison_ratio: float = 0.1,
     stage1_quant: bool = True,
     margin: float = 0.05,
@@ -78,10 +77,11 @@ def pqbackdoor_attack(
     device: str | torch.device | None = "cpu",
     verbose: bool = False,
 ) -> nn.Module:
-    """`epochs` of projected stage 2 after `stage1_epochs` (default: `epochs`) of backdoor training."""
+    """`epochs` of projected stage 2 after `stage1_epochs` (default: `epochs`) of backdoor training,
+    both with Adam at `lr`."""
     model, dev, rng = setup(model, seed, device)
     n1 = epochs if stage1_epochs is None else stage1_epochs
-    opt = torch.optim.Adam(model.parameters(), lr=stage1_lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     for ep in progress(range(n1), "pqbackdoor stage 1", verbose):
         for xb, yb in progress(iterate(x, y, batch_size, rng), f"epoch {ep + 1}", verbose):
             xb, yb = xb.to(dev), yb.to(dev)
