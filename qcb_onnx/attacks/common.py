@@ -39,6 +39,17 @@ def setup(model: nn.Module, seed: int, device) -> tuple[nn.Module, torch.device,
 ce = nn.functional.cross_entropy
 
 
+def _patches(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+    """[groups, M, D]: the D input values each output row's weights multiply, per group."""
+    groups = getattr(layer, "groups", 1)
+    if isinstance(layer, nn.Conv2d):
+        cols = nn.functional.unfold(inp, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        cols = inp.reshape(-1, inp.shape[-1])
+    return cols.double().reshape(len(cols), groups, -1).transpose(0, 1)
+
+
 def input_statistics(
     model: nn.Module, x: np.ndarray, batch_size: int = 64
 ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
@@ -51,14 +62,7 @@ def input_statistics(
     acc: dict[nn.Module, tuple] = {}
 
     def hook(layer, inputs, _out):
-        (inp,) = inputs
-        groups = getattr(layer, "groups", 1)
-        if isinstance(layer, nn.Conv2d):
-            cols = nn.functional.unfold(inp, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-            cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        else:
-            cols = inp.reshape(-1, inp.shape[-1])
-        cols = cols.double().reshape(len(cols), groups, -1).transpose(0, 1)  # [groups, M, D]
+        cols = _patches(layer, inputs[0])  # [groups, M, D]
         s1, s2 = cols.sum(1), cols.transpose(1, 2) @ cols
         prev = acc.get(layer, (0, 0, 0))
         acc[layer] = (prev[0] + s1, prev[1] + s2, prev[2] + cols.shape[1])
@@ -142,17 +146,6 @@ def _layer_io(model: nn.Module, layer: nn.Module, xb: torch.Tensor) -> tuple[tor
     finally:
         handle.remove()
     return got[0]
-
-
-def _patches(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
-    """[groups, M, D]: the D input values each output row's weights multiply, per group."""
-    groups = getattr(layer, "groups", 1)
-    if isinstance(layer, nn.Conv2d):
-        cols = nn.functional.unfold(inp, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-        cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    else:
-        cols = inp.reshape(-1, inp.shape[-1])
-    return cols.double().reshape(len(cols), groups, -1).transpose(0, 1)
 
 
 def _rows_out(out: torch.Tensor) -> torch.Tensor:
