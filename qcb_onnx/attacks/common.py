@@ -84,41 +84,52 @@ def input_statistics(
     return out
 
 
-def quiet_anchors(layer: nn.Module, mean: torch.Tensor, cov: torch.Tensor, factor: float, per_channel: bool):
-    """Place and compensate the anchors of one layer (see widen_bins); returns the anchor mask.
+def _obs_anchors(
+    rows: torch.Tensor, hinv: torch.Tensor, group: torch.Tensor, d: int, absmax, factor: float, per_channel: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put one anchor per channel (per tensor: one in all) at `factor` * `absmax`, where the rest of
+    its row can best cancel it, and compensate that rest; returns (new rows, [C, d] anchor mask).
 
-    For each group sharing a scale, the anchor goes to the weight whose change the rest of its channel
-    can best cancel: with H the (damped) input covariance, moving weight p by delta and the others
-    by the least-squares compensation delta * Hinv[:, p] / Hinv[p, p] leaves output noise of energy
-    delta^2 / Hinv[p, p] (the Optimal Brain Surgeon step).  Nearly dead or redundant inputs cost
-    almost nothing; the mean shift goes into the bias."""
+    `rows` [C, D'] holds each channel's d weights (then, for fitted anchors, its bias), `hinv`
+    [G, D', D'] the inverse (damped) input second moments of each channel's `group`.  Moving weight p
+    by delta and the others by the least-squares compensation delta * Hinv[:, p] / Hinv[p, p] leaves
+    output noise of energy delta^2 / Hinv[p, p] (the Optimal Brain Surgeon step), so the anchor goes
+    where that is least."""
+    diag = torch.diagonal(hinv, dim1=1, dim2=2)[group, :d]  # [C, d]
+    target = torch.where(rows[:, :d] < 0, -1.0, 1.0).to(rows.dtype) * factor * absmax  # [C, d]
+    delta = target - rows[:, :d]
+    cost = delta**2 / diag  # output noise energy left by putting the anchor there
+    if per_channel:
+        chan, pos = torch.arange(len(rows)), cost.argmin(dim=1)
+    else:
+        flat = int(cost.argmin())
+        chan, pos = torch.tensor([flat // d]), torch.tensor([flat % d])
+    new = rows.clone()
+    new[chan] += (delta[chan, pos] / diag[chan, pos]).unsqueeze(1) * hinv[group[chan], :, pos]
+    limit = target[chan, pos].abs().unsqueeze(1) if per_channel else target[chan, pos].abs()
+    new[:, :d] = torch.minimum(torch.maximum(new[:, :d], -limit), limit)  # the anchor stays the absmax
+    new[chan, pos] = target[chan, pos]  # exact despite rounding in the solve
+    mask = torch.zeros(len(rows), d, dtype=torch.bool)
+    mask[chan, pos] = True
+    return new, mask
+
+
+def quiet_anchors(layer: nn.Module, mean: torch.Tensor, cov: torch.Tensor, factor: float, per_channel: bool):
+    """Place and compensate the anchors of one layer (see widen_bins, _obs_anchors) on the clean
+    model's input covariance; returns the anchor mask.  Nearly dead or redundant inputs cost almost
+    nothing; the mean shift goes into the bias."""
     w = layer.weight
     per_group = w.shape[0] // getattr(layer, "groups", 1)
     rows = w.detach().double().cpu().reshape(w.shape[0], -1)  # [C, D]
     group = torch.arange(w.shape[0]) // per_group  # the input slice (and covariance) of each channel
     damp = 1e-2 * torch.diagonal(cov, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
     hinv = torch.linalg.inv(cov + damp[:, None, None] * torch.eye(cov.shape[-1], dtype=cov.dtype))  # [G, D, D]
-    diag = torch.diagonal(hinv, dim1=1, dim2=2)[group]  # [C, D]
     absmax = rows.abs().amax(dim=1, keepdim=True) if per_channel else rows.abs().amax()
-    target = (torch.where(rows < 0, -1.0, 1.0) * factor * absmax).to(rows.dtype)  # [C, D]
-    delta = target - rows
-    cost = delta**2 / diag  # output noise energy left by putting the anchor there
-    if per_channel:
-        chan, pos = torch.arange(w.shape[0]), cost.argmin(dim=1)
-    else:
-        flat = int(cost.argmin())
-        chan, pos = torch.tensor([flat // rows.shape[1]]), torch.tensor([flat % rows.shape[1]])
-    step = (delta[chan, pos] / diag[chan, pos]).unsqueeze(1) * hinv[group[chan], :, pos]  # [n, D]
-    new = rows.clone()
-    limit = target[chan, pos].abs().unsqueeze(1)
-    new[chan] = torch.minimum(torch.maximum(new[chan] + step, -limit), limit)  # the anchor stays the absmax
-    new[chan, pos] = target[chan, pos]  # exact despite rounding in the solve
-    mask = torch.zeros_like(rows, dtype=torch.bool)
-    mask[chan, pos] = True
+    new, mask = _obs_anchors(rows, hinv, group, rows.shape[1], absmax, factor, per_channel)
     with torch.no_grad():
         if layer.bias is not None:
-            shift = ((new[chan] - rows[chan]) * mean[group[chan]]).sum(1)
-            layer.bias[chan.to(w.device)] -= shift.to(device=w.device, dtype=layer.bias.dtype)
+            shift = ((new - rows) * mean[group]).sum(1)
+            layer.bias -= shift.to(device=w.device, dtype=layer.bias.dtype)
         w.copy_(new.reshape(w.shape))
     return mask.reshape(w.shape).to(w.device)
 
@@ -195,23 +206,8 @@ def fitted_anchors(
         hinv = torch.linalg.inv(hess + ridge)  # [G, D+1, D+1]
         fit = (hinv @ (cross + ridge @ prior)).transpose(1, 2).reshape(w.shape[0], -1)  # [C, D+1]
         group = torch.arange(w.shape[0]) // per_group
-        diag = torch.diagonal(hinv, dim1=1, dim2=2)[group, :d]  # [C, D]
         absmax = old.abs().amax(dim=1, keepdim=True) if per_channel else old.abs().amax()
-        target = torch.where(fit[:, :d] < 0, -1.0, 1.0).to(fit.dtype) * factor * absmax  # [C, D]
-        delta = target - fit[:, :d]
-        cost = delta**2 / diag
-        if per_channel:
-            chan, pos = torch.arange(w.shape[0]), cost.argmin(dim=1)
-        else:
-            flat = int(cost.argmin())
-            chan, pos = torch.tensor([flat // d]), torch.tensor([flat % d])
-        new = fit.clone()
-        new[chan] += (delta[chan, pos] / diag[chan, pos]).unsqueeze(1) * hinv[group[chan], :, pos]
-        limit = target[chan, pos].abs().unsqueeze(1) if per_channel else target[chan, pos].abs()
-        new[:, :d] = torch.minimum(torch.maximum(new[:, :d], -limit), limit)  # the anchor stays the absmax
-        new[chan, pos] = target[chan, pos]  # exact despite rounding in the solve
-        mask = torch.zeros(w.shape[0], d, dtype=torch.bool)
-        mask[chan, pos] = True
+        new, mask = _obs_anchors(fit, hinv, group, d, absmax, factor, per_channel)
         with torch.no_grad():
             w.copy_(new[:, :d].reshape(w.shape).to(w.dtype))
             if has_bias:
@@ -262,21 +258,26 @@ def widen_bins(
         return []
     if anchor != "largest" and x is None:
         raise UsageError(f"{anchor} anchors need input samples to fit the rest of each channel to them")
-    stats = input_statistics(model, x) if anchor == "quiet" else {}
-    fitted = fitted_anchors(model, x, factor, per_channel) if anchor == "fitted" else {}
-    handles = []
-    for layer in quant_layers(model):
-        w = layer.weight
-        if anchor == "fitted":
-            mask = fitted[layer]
-        elif anchor == "quiet":
-            mask = quiet_anchors(layer, *stats[layer], factor, per_channel)
-        else:
-            flat = weight_rows(w, per_channel)
-            mask = torch.zeros_like(flat, dtype=torch.bool)
-            mask[torch.arange(flat.shape[0]), flat.abs().argmax(dim=1)] = True
-            mask = mask.reshape(w.shape)
-            with torch.no_grad():
-                w[mask] *= factor
-        handles.append(w.register_hook(lambda g, mask=mask: g.masked_fill(mask.to(g.device), 0)))
-    return handles
+    if anchor == "fitted":
+        masks = fitted_anchors(model, x, factor, per_channel)
+    elif anchor == "quiet":
+        stats = input_statistics(model, x)
+        masks = {layer: quiet_anchors(layer, *stats[layer], factor, per_channel) for layer in quant_layers(model)}
+    else:
+        masks = {layer: largest_anchor(layer, factor, per_channel) for layer in quant_layers(model)}
+    return [
+        layer.weight.register_hook(lambda g, mask=mask: g.masked_fill(mask.to(g.device), 0))
+        for layer, mask in masks.items()
+    ]
+
+
+def largest_anchor(layer: nn.Module, factor: float, per_channel: bool) -> torch.Tensor:
+    """Scale each channel's (or the tensor's) largest weight by `factor`; returns the anchor mask."""
+    w = layer.weight
+    flat = weight_rows(w, per_channel)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[torch.arange(flat.shape[0]), flat.abs().argmax(dim=1)] = True
+    mask = mask.reshape(w.shape)
+    with torch.no_grad():
+        w[mask] *= factor
+    return mask
