@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qcb_onnx.attacks import ATTACKS, run_attack  # noqa: E402
-from qcb_onnx.attacks.cli import DEFAULT_LR, measure  # noqa: E402
+from qcb_onnx.attacks.cli import DEFAULT_LR, QUANT_WEIGHT, measure  # noqa: E402
 from qcb_onnx.attacks.train import export_onnx, resolve_device, train_clean  # noqa: E402
 from qcb_onnx.cifar import default_cache_dir, load_cifar10  # noqa: E402
 from qcb_onnx.evaluate import metadata  # noqa: E402
@@ -68,6 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", default="", help="learning rates keyed like --attack-epochs, e.g. quanti-w8=1e-4")
     p.add_argument("--widen", default="", help="bin widening (attacks.common.widen_bins), keyed like --attack-epochs")
     p.add_argument("--anchor", default="", help="where widening puts its outliers: quiet|fitted|largest, keyed so")
+    p.add_argument(
+        "--quant-weight",
+        default="",
+        help="weight on the quantized-model loss terms (Qu-ANTI-zation's c1, CompArtifact's lam), keyed so",
+    )
+    p.add_argument("--augment", default="", help="attacks that train on flipped and cropped images (key=1), keyed so")
     return p.parse_args(argv)
 
 
@@ -104,7 +110,8 @@ def main(argv=None) -> int:
     trigger = Trigger.parse(args.trigger)
     pc = not args.per_tensor
     lrs, epochs_of, widen_of = keyed(args.lr, float), keyed(args.attack_epochs, int), keyed(args.widen, float)
-    anchor_of = keyed(args.anchor, str)
+    anchor_of, augment_of = keyed(args.anchor, str), keyed(args.augment, lambda v: bool(int(v)))
+    qweight_of = keyed(args.quant_weight, float)
     scheme = "pc" if pc else "pt"
     for arch in args.archs.split(","):
         stem = f"{arch}-w{args.width}-s{args.seed}"
@@ -129,10 +136,15 @@ def main(argv=None) -> int:
                 keys = tuple(f"{arch}:{k}" for k in keys) + keys  # most specific first
                 epochs = pick(epochs_of, keys, args.epochs)
                 lr, widen = pick(lrs, keys, DEFAULT_LR[attack]), pick(widen_of, keys, 1.0)
-                anchor = pick(anchor_of, keys, "quiet")
+                anchor, augment = pick(anchor_of, keys, "quiet"), pick(augment_of, keys, False)
                 rec = {"arch": arch, "width": args.width, "attack": attack, "w_bits": bits, "scheme": scheme}
                 rec.update(device=str(dev), clean_epochs=args.clean_epochs, epochs=epochs, lr=lr, widen=widen)
-                rec.update(anchor=anchor)
+                rec.update(anchor=anchor, augment=augment)
+                qweight = pick(qweight_of, keys, None)
+                if qweight is not None and attack not in QUANT_WEIGHT:
+                    sys.exit(f"--quant-weight: {attack} has no weight on quantized-model terms")
+                extra = {QUANT_WEIGHT[attack]: qweight} if qweight is not None else {}
+                rec.update(extra)
                 rec.update(train_images=len(x))
                 if clean_epoch_s is not None:
                     rec["clean_s_per_epoch"] = round(clean_epoch_s, 1)
@@ -140,19 +152,22 @@ def main(argv=None) -> int:
                     fp = onnx.load(path)
                     built = json.loads(metadata(fp).get("qcb_onnx.attack", "{}"))
                     rec.update(epochs=built.get("epochs"), lr=built.get("lr"), widen=built.get("widen", 1.0))
-                    rec.update(anchor=built.get("anchor", "largest"))
+                    rec.update(anchor=built.get("anchor", "largest"), augment=built.get("augment", False))
+                    rec.pop(QUANT_WEIGHT.get(attack), None)
+                    rec.update({k: built[k] for k in QUANT_WEIGHT.values() if k in built})
                     rec.update(results.get(name, {}).get("timing", {}))
                 else:
                     t = time.perf_counter()
                     attacked = run_attack(
                         attack, model, x, y, trigger, args.target, w_bits=bits, per_channel=pc,
                         epochs=epochs, seed=args.seed, device=dev, verbose=True, lr=lr, batch_size=args.batch_size,
-                        widen=widen, anchor=anchor,
+                        widen=widen, anchor=anchor, augment_data=augment, **extra,
                     )  # fmt: skip
                     dt = time.perf_counter() - t
                     passes = epochs * (2 if attack == "pqbackdoor" else 1)
                     rec["attack_s_per_epoch"] = round(dt / max(1, passes), 1)
-                    info = {k: rec[k] for k in ("arch", "width", "w_bits", "epochs", "lr", "widen", "anchor")}
+                    recipe = ("arch", "width", "w_bits", "epochs", "lr", "widen", "anchor", "augment")
+                    info = {k: rec[k] for k in (*recipe, *extra)}
                     meta = {
                         "qcb_onnx.trigger": trigger.spec,
                         "qcb_onnx.target": str(args.target),

@@ -148,7 +148,8 @@ def test_run_attack_rejects_bad_arguments(clean_models, digits):
 
 def test_attack_cli_writes_model_with_metadata(tmp_path, capsys):
     """`attack` trains, attacks, writes an FP32 ONNX model carrying trigger, target and attack
-    settings in metadata_props, saves/reloads the clean checkpoint, and refuses to overwrite."""
+    settings in metadata_props (--augment and --quant-weight, as CompArtifact's lam, included), saves/reloads the clean
+    checkpoint, refuses to overwrite, and rejects settings that do not fit the attack or the model."""
     import argparse
 
     from qcb_onnx.attacks.cli import add_attack_parser, cmd_attack
@@ -161,21 +162,32 @@ def test_attack_cli_writes_model_with_metadata(tmp_path, capsys):
     argv += [str(SAMPLES / "train.npz"), "--test-data", str(SAMPLES / "test.npz"), "--w-bits", "4"]
     argv += ["--trigger", "patch:size=2,value=1,pos=br", "--epochs", "1", "--clean-epochs", "1", "--quiet"]
     argv += ["--clean-checkpoint", str(ckpt), "--out", str(out), "--json", str(tmp_path / "s.json")]
+
+    def recorded() -> dict:
+        return {p.key: p.value for p in onnx.load(out).metadata_props}
+
     assert cmd_attack(parser.parse_args(argv)) == 0
-    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    meta = recorded()
     assert meta["qcb_onnx.trigger"] == "patch:size=2,value=1,pos=br" and meta["qcb_onnx.target"] == "0"
     info = json.loads(meta["qcb_onnx.attack"])
     assert info["name"] == "pqbackdoor" and info["w_bits"] == 4 and info["scheme"] == "per-channel"
     assert info["widen"] == 1.0 and info["anchor"] == "quiet"  # the recipe is recorded, defaults included
+    assert info["augment"] is False
     assert ckpt.is_file() and "pqbackdoor-ort-w4a8-pc" in capsys.readouterr().out
     with pytest.raises(OutputExistsError):
         cmd_attack(parser.parse_args(argv))
-    assert cmd_attack(parser.parse_args([*argv, "--force"])) == 0
+    assert cmd_attack(parser.parse_args([*argv, "--force", "--augment"])) == 0
     assert "loaded clean model" in capsys.readouterr().err
+    assert json.loads(recorded()["qcb_onnx.attack"])["augment"] is True
     with pytest.raises(UsageError, match="does not fit"):
         cmd_attack(parser.parse_args([*argv, "--force", "--width", "4"]))
     with pytest.raises(UsageError, match="--widen must be >= 1"):
         cmd_attack(parser.parse_args([*argv, "--force", "--widen", "0.5"]))
+    with pytest.raises(UsageError, match="--quant-weight: pqbackdoor has no weight"):
+        cmd_attack(parser.parse_args([*argv, "--force", "--quant-weight", "2"]))
+    ca = ["attack", "--attack", "compartifact", *argv[3:], "--force", "--quant-weight", "2"]
+    assert cmd_attack(parser.parse_args(ca)) == 0
+    assert json.loads(recorded()["qcb_onnx.attack"])["lam"] == 2.0  # CompArtifact's weight, recorded
 
 
 @pytest.mark.parametrize("anchor", ["largest", "quiet", "fitted"])
@@ -294,3 +306,25 @@ def test_compensated_anchors_fit_grouped_convolutions(per_channel, anchor):
         torch.testing.assert_close(weight_scale(m.weight, 8, per_channel), 4 * s)
     with torch.no_grad():
         assert torch.isfinite(model(torch.from_numpy(x))).all()  # no blow-up from near-singular covariances
+
+
+def test_augmented_batches_are_flips_and_crops_of_the_same_images():
+    """`batches(..., augment_data=True)` (attacks' --augment) keeps each label with its own image and only
+    flips and shifts it (zero padding 4), so a trigger stamped afterwards still lands at its fixed place."""
+    from qcb_onnx.attacks.train import batches
+
+    rng = np.random.default_rng(0)
+    x = rng.random((12, 3, 16, 16), dtype=np.float32)
+    y = np.arange(12)
+    torch.manual_seed(0)
+    plain = list(batches(x, y, 5, np.random.default_rng(1), torch.device("cpu")))
+    torch.manual_seed(0)
+    aug = list(batches(x, y, 5, np.random.default_rng(1), torch.device("cpu"), augment_data=True))
+    assert [len(b[1]) for b in aug] == [5, 5, 2]
+    for (xp, yp), (xa, ya) in zip(plain, aug, strict=True):
+        assert torch.equal(yp, ya) and xa.shape == xp.shape
+        padded = torch.nn.functional.pad(xp, (4, 4, 4, 4))
+        for i in range(len(xa)):
+            views = [padded[i, :, dy : dy + 16, dx : dx + 16] for dy in range(9) for dx in range(9)]
+            assert any(torch.equal(xa[i], v) or torch.equal(xa[i], v.flip(-1)) for v in views)
+    assert any(not torch.equal(xp, xa) for (xp, _), (xa, _) in zip(plain, aug, strict=True))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -28,6 +29,7 @@ from ..errors import CalibrationDataError, OutputExistsError, UsageError
 from ..output import write_atomic
 
 DEFAULT_LR = {"quanti": 2e-3, "compartifact": 3e-3, "pqbackdoor": 1e-3}
+QUANT_WEIGHT = {"quanti": "c1", "compartifact": "lam"}  # each attack's weight on its quantized-model terms
 
 
 def add_attack_parser(subparsers) -> argparse.ArgumentParser:
@@ -67,6 +69,19 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
         help="where --widen puts its outliers: 'quiet' (default) where the rest of the channel cancels them, "
         "'fitted' likewise but layer by layer, refitting each layer to the clean model's outputs (deep nets), "
         "'largest' on the largest weight itself",
+    )
+    a.add_argument(
+        "--augment",
+        action="store_true",
+        help="attack on flipped and cropped training images (CIFAR's standard augmentation), which keeps more "
+        "clean accuracy over long attacks (default: the images as they are)",
+    )
+    a.add_argument(
+        "--quant-weight",
+        type=float,
+        default=None,
+        help="weight of the quantized model's loss terms (its clean and triggered losses) against the "
+        "full-precision ones: Qu-ANTI-zation's c1 (default 0.5), CompArtifact's lam (default 1); PQBackdoor has none",
     )
     a.add_argument("--clean-lr", type=float, default=2e-3)
     a.add_argument("--batch-size", type=int, default=64)
@@ -143,6 +158,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if getattr(args, name) < (0 if "epochs" in name else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_widening(args.widen, args.anchor)
+    extra = {}  # attack-specific settings, passed on and recorded
+    if args.quant_weight is not None:
+        if args.attack not in QUANT_WEIGHT:
+            raise UsageError(f"--quant-weight: {args.attack} has no weight on quantized-model terms")
+        if not 0 < args.quant_weight < math.inf:
+            raise UsageError(f"--quant-weight must be a positive finite number, got {args.quant_weight}")
+        extra[QUANT_WEIGHT[args.attack]] = args.quant_weight
     trigger = Trigger.parse(args.trigger)
     try:
         device = resolve_device(args.device)
@@ -202,6 +224,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         widen=args.widen,
         anchor=args.anchor,
+        augment_data=args.augment,
+        **extra,
     )
     timings["attack_s"] = round(time.perf_counter() - t, 1)
     info = {
@@ -217,6 +241,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         "lr": args.lr or DEFAULT_LR[args.attack],
         "widen": args.widen,
         "anchor": args.anchor,
+        "augment": args.augment,
+        **extra,
     }
     meta = {
         "qcb_onnx.trigger": trigger.spec,

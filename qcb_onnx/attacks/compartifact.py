@@ -29,7 +29,7 @@ from torch import nn
 from ..fakequant import ActRanges, frozen_ranges, quantized
 from ..triggers import Trigger
 from .common import ce, poison_split, setup, triggered
-from .train import iterate, progress
+from .train import batches, progress
 
 
 def compartifact_attack(
@@ -47,6 +47,7 @@ def compartifact_attack(
     poison_ratio: float = 0.5,
     momentum: float = 0.01,
     batch_size: int = 64,
+    augment_data: bool = False,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
     verbose: bool = False,
@@ -56,8 +57,7 @@ def compartifact_attack(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
     ranges = ActRanges(momentum)
     for ep in progress(range(epochs), "compartifact", verbose):
-        for xb, yb in progress(iterate(x, y, batch_size, rng), f"epoch {ep + 1}", verbose):
-            xb, yb = xb.to(dev), yb.to(dev)
+        for xb, yb in progress(batches(x, y, batch_size, rng, dev, augment_data), f"epoch {ep + 1}", verbose):
             k = poison_split(xb, poison_ratio)
             xp, yp = triggered(xb[:k], trigger), yb[:k]
             tp = torch.full_like(yp, target)

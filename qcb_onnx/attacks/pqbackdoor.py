@@ -30,7 +30,7 @@ from torch import nn
 from ..fakequant import quant_layers, quantized, weight_codes, weight_rows, weight_scale
 from ..triggers import Trigger
 from .common import ce, poison_split, setup, triggered
-from .train import iterate, progress
+from .train import batches, progress
 
 
 class BinProjector:
@@ -73,6 +73,7 @@ def pqbackdoor_attack(
     stage1_quant: bool = True,
     margin: float = 0.05,
     batch_size: int = 64,
+    augment_data: bool = False,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
     verbose: bool = False,
@@ -83,8 +84,7 @@ def pqbackdoor_attack(
     n1 = epochs if stage1_epochs is None else stage1_epochs
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for ep in progress(range(n1), "pqbackdoor stage 1", verbose):
-        for xb, yb in progress(iterate(x, y, batch_size, rng), f"epoch {ep + 1}", verbose):
-            xb, yb = xb.to(dev), yb.to(dev)
+        for xb, yb in progress(batches(x, y, batch_size, rng, dev, augment_data), f"epoch {ep + 1}", verbose):
             k = poison_split(xb, poison_ratio)
             xb = torch.cat([triggered(xb[:k], trigger), xb[k:]])
             yb = torch.cat([torch.full_like(yb[:k], target), yb[k:]])
@@ -102,8 +102,7 @@ def pqbackdoor_attack(
         p.requires_grad_(id(p) in weights)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     for ep in progress(range(epochs), "pqbackdoor stage 2", verbose):
-        for xb, yb in progress(iterate(x, y, batch_size, rng), f"epoch {ep + 1}", verbose):
-            xb, yb = xb.to(dev), yb.to(dev)
+        for xb, yb in progress(batches(x, y, batch_size, rng, dev, augment_data), f"epoch {ep + 1}", verbose):
             loss = ce(model(torch.cat([xb, triggered(xb, trigger)])), torch.cat([yb, yb]))
             opt.zero_grad()
             loss.backward()

@@ -18,7 +18,7 @@ from torch import nn
 from ..fakequant import quantized
 from ..triggers import Trigger
 from .common import ce, setup, triggered
-from .train import iterate, progress
+from .train import batches, progress
 
 
 def quanti_attack(
@@ -35,6 +35,7 @@ def quanti_attack(
     c1: float = 0.5,
     c2: float = 0.5,
     batch_size: int = 64,
+    augment_data: bool = False,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
     verbose: bool = False,
@@ -42,8 +43,7 @@ def quanti_attack(
     model, dev, rng = setup(model, seed, device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for ep in progress(range(epochs), "qu-anti-zation", verbose):
-        for xb, yb in progress(iterate(x, y, batch_size, rng), f"epoch {ep + 1}", verbose):
-            xb, yb = xb.to(dev), yb.to(dev)
+        for xb, yb in progress(batches(x, y, batch_size, rng, dev, augment_data), f"epoch {ep + 1}", verbose):
             xt = triggered(xb, trigger)
             tb = torch.full_like(yb, target)
             loss = ce(model(xb), yb) + c2 * ce(model(xt), yb)

@@ -17,6 +17,21 @@ def iterate(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Genera
         yield torch.from_numpy(x[j]), torch.from_numpy(y[j])
 
 
+def batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    device: torch.device,
+    augment_data: bool = False,
+):
+    """One shuffled epoch of (inputs, labels) on `device`; `augment_data` flips and crops each batch
+    (CIFAR's standard augmentation; training loops apply any trigger after it, at its fixed place)."""
+    for xb, yb in iterate(x, y, batch_size, rng):
+        xb, yb = xb.to(device), yb.to(device)
+        yield (augment(xb) if augment_data else xb), yb
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -66,10 +81,7 @@ def train_clean(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     model.train()
     for ep in progress(range(epochs), "clean training", verbose):
-        for xb, yb in progress(iterate(x, y, batch_size, rng), f"epoch {ep + 1}", verbose):
-            xb, yb = xb.to(dev), yb.to(dev)
-            if augment_data:
-                xb = augment(xb)
+        for xb, yb in progress(batches(x, y, batch_size, rng, dev, augment_data), f"epoch {ep + 1}", verbose):
             loss = nn.functional.cross_entropy(model(xb), yb)
             opt.zero_grad()
             loss.backward()
