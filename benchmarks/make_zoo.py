@@ -144,7 +144,6 @@ def main(argv=None) -> int:
                 if qweight is not None and attack not in QUANT_WEIGHT:
                     sys.exit(f"--quant-weight: {attack} has no weight on quantized-model terms")
                 extra = {QUANT_WEIGHT[attack]: qweight} if qweight is not None else {}
-                rec.update(extra)
                 rec.update(train_images=len(x))
                 if clean_epoch_s is not None:
                     rec["clean_s_per_epoch"] = round(clean_epoch_s, 1)
@@ -153,10 +152,10 @@ def main(argv=None) -> int:
                     built = json.loads(metadata(fp).get("qcb_onnx.attack", "{}"))
                     rec.update(epochs=built.get("epochs"), lr=built.get("lr"), widen=built.get("widen", 1.0))
                     rec.update(anchor=built.get("anchor", "largest"), augment=built.get("augment", False))
-                    rec.pop(QUANT_WEIGHT.get(attack), None)
                     rec.update({k: built[k] for k in QUANT_WEIGHT.values() if k in built})
                     rec.update(results.get(name, {}).get("timing", {}))
                 else:
+                    rec.update(extra)
                     t = time.perf_counter()
                     attacked = run_attack(
                         attack, model, x, y, trigger, args.target, w_bits=bits, per_channel=pc,
