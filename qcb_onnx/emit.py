@@ -80,7 +80,11 @@ def emit_qdq(
             )
         )
         replaced[name] = f"{name}_DequantizeLinear_Output"
-    keep = [t for t in graph.initializer if t.name not in replaced]
+    keep = [
+        numpy_helper.from_array(state.float_biases[t.name], t.name) if t.name in state.float_biases else t
+        for t in graph.initializer
+        if t.name not in replaced
+    ]
     del graph.initializer[:]
     graph.initializer.extend(keep)
 

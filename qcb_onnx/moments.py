@@ -7,7 +7,9 @@ quantized prefix, x the FP input, D = W~ - W the rounding perturbation) is
     A = E[x~ x~'],   Q_i = E[x~ r_i],   c = E||r||^2,   r = W (x~ - x),
 
 so once A, Q and c are accumulated over the calibration set, a rounding pass (sequential.py) or an
-AdaRound step costs O(out * in^2), independent of the number of images.
+AdaRound step costs O(out * in^2), independent of the number of images.  The means E[x~] and E[r]
+come along for free: the mean of the chosen rounding's output error, D E[x~] + E[r], is what the
+layer's bias absorbs afterwards (`output_shift`).
 Conv inputs become im2col patches; grouped convs have one A per group.  Patch positions are
 subsampled (seeded) so the work per layer is bounded.
 """
@@ -32,6 +34,19 @@ class Moments:
     Q: torch.Tensor  # (groups, out/groups, d) float64, E[x~ r'] with r = W (x~ - x)
     const: float  # E||W (x~ - x)||^2
     rows: int
+    mean_x: torch.Tensor  # (groups, d) float64, E[x~]
+    mean_r: torch.Tensor  # (groups, out/groups) float64, E[r]
+
+    def output_shift(self, delta: torch.Tensor) -> torch.Tensor:
+        """E[W~ x~ - W x] per output channel (out,) for the canonical perturbation D = W~ - W (out, d).
+
+        Bias correction (Nagel et al. 2019, data-free quantization) subtracts it from the bias, so the
+        quantized layer keeps the FP layer's mean output on the calibration images.  It is chosen after
+        the rounding, so it moves no decision of this layer; it removes the part of the error a constant
+        carries before the next layer sees it (what that is worth: BENCHMARKS.md §2)."""
+        g = self.mean_x.shape[0]
+        d = delta.reshape(g, -1, delta.shape[-1]).to(self.mean_x.dtype)
+        return ((d @ self.mean_x.unsqueeze(-1)).squeeze(-1) + self.mean_r).reshape(-1)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -131,7 +146,7 @@ def collect_moments(
     gen = torch.Generator().manual_seed(seed + layer.index)
     g = layer.groups
     w = weight.float().reshape(g, weight.shape[0] // g, -1)  # (g, o, d)
-    A = Q = None
+    A = Q = sum_x = sum_r = None
     const = 0.0
     rows_total = 0
     for x_fp, x_q in inputs:
@@ -144,7 +159,9 @@ def collect_moments(
         # float32 products over one batch, float64 sums over batches
         a, q = (xq.transpose(1, 2) @ xq).double(), (r.transpose(1, 2) @ xq).double()
         A, Q = (a, q) if A is None else (A + a, Q + q)
+        sx, sr = xq.double().sum(1), r.double().sum(1)
+        sum_x, sum_r = (sx, sr) if sum_x is None else (sum_x + sx, sum_r + sr)
         const += float(r.double().pow(2).sum())
         rows_total += xq.shape[1]
     n = max(rows_total, 1)
-    return Moments(A / n, Q / n, const / n, rows_total)
+    return Moments(A / n, Q / n, const / n, rows_total, sum_x / n, sum_r / n)

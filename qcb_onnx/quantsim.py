@@ -60,11 +60,13 @@ class QuantState:
     acts: dict[str, ActQuant] = field(default_factory=dict)
     weights: dict[str, WeightQuant] = field(default_factory=dict)  # by initializer name
     biases: dict[str, BiasQuant] = field(default_factory=dict)
+    float_biases: dict[str, np.ndarray] = field(default_factory=dict)  # corrected, where the input stays FP32
 
     def params(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Initializer overrides: dequantized integer weights and biases."""
+        """Initializer overrides: dequantized integer weights and biases, corrected FP32 biases."""
         out = {name: torch.from_numpy(w.dequantized()) for name, w in self.weights.items()}
         out.update({name: torch.from_numpy(b.dequantized()) for name, b in self.biases.items()})
+        out.update({name: torch.from_numpy(b) for name, b in self.float_biases.items()})
         return {k: v.to(device) for k, v in out.items()}
 
     def hook(self) -> Callable[[str, torch.Tensor], torch.Tensor]:

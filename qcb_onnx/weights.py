@@ -2,7 +2,10 @@
 
 Layers are visited in graph order.  Before a layer is optimised, every earlier layer already holds
 its final integers and every activation its Q/DQ, so the layer learns to compensate for the error
-that reaches it (EFRAP's activation preservation uses the quantized prefix's input).
+that reaches it (EFRAP's activation preservation uses the quantized prefix's input).  Once its
+integers are chosen, an EFRAP or AdaRound layer with a bias takes the mean of its output error into
+the bias (moments.Moments.output_shift), so the next layer starts from the FP model's mean; nearest
+keeps ORT's bias like its integers, and efrap-official stays the official code's reference.
 """
 
 from __future__ import annotations
@@ -106,8 +109,8 @@ def round_layers(
         w = gm.params[layer.weight].detach().cpu().numpy().astype(np.float32)
         problem, scale, axis = layer_problem(w, layer, grid, per_channel, gm.device)
         if layer.weight in done:
-            ints, report = done[layer.weight]
-            _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid))
+            ints, report, shift = done[layer.weight]
+            _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid), shift)
             reports.append(report)
             continue
         if config.method == "efrap-official":
@@ -121,12 +124,16 @@ def round_layers(
             result = solve(problem, config, seed=seed + layer.index)
         ints_c = np.clip(problem.floor.cpu().numpy() + result.up, grid.qmin, grid.qmax)
         ints = from_canonical(ints_c, layer, w.shape).astype(np.int32)
-        _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid))
+        shift = None
+        if problem.moments is not None and layer.bias is not None:
+            delta = torch.from_numpy(ints_c).to(problem.weight) * problem.scale - problem.weight
+            shift = problem.moments.output_shift(delta).cpu().numpy()
+        _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid), shift)
         reports.append(
             LayerReport(layer.node, layer.weight, tuple(w.shape), result.flip_ratio, result.error, result.strength)
         )
         if checkpoint:
-            done[layer.weight] = (ints, reports[-1])
+            done[layer.weight] = (ints, reports[-1], shift)
             checkpoint.save(done)
     return reports
 
@@ -164,12 +171,20 @@ class Prefix:
                 yield x_fp, gm.resume(q, [tensor], params=params, on_tensor=hook)[tensor]
 
 
-def _commit(state: QuantState, gm: GraphModule, layer: Layer, wq: WeightQuant) -> None:
-    """Make a layer's integers (and its int32 bias) part of the quantized prefix."""
+def _commit(state: QuantState, gm: GraphModule, layer: Layer, wq: WeightQuant, shift: np.ndarray | None = None) -> None:
+    """Make a layer's integers and its bias, less the mean output error `shift` where one was
+    measured, part of the quantized prefix: as int32 when the layer's input is quantized (ORT's
+    QDQ bias), else as a corrected FP32 bias."""
     state.weights[layer.weight] = wq
-    if layer.bias is not None and layer.input in state.acts:
-        bias = gm.params[layer.bias].detach().cpu().numpy().astype(np.float32)
+    if layer.bias is None:
+        return
+    bias = gm.params[layer.bias].detach().cpu().numpy().astype(np.float32)
+    if shift is not None:
+        bias = (bias.astype(np.float64) - shift).astype(np.float32)
+    if layer.input in state.acts:
         state.biases[layer.bias] = quantize_bias(bias, state.acts[layer.input].scale, wq)
+    elif shift is not None:
+        state.float_biases[layer.bias] = bias
 
 
 class Checkpoint:
@@ -180,7 +195,7 @@ class Checkpoint:
         self.fingerprint = fingerprint
         self.resume = resume
 
-    def load(self) -> dict[str, tuple[np.ndarray, LayerReport]]:
+    def load(self) -> dict[str, tuple[np.ndarray, LayerReport, np.ndarray | None]]:
         if not self.resume or not self.path.is_file():
             return {}
         try:
@@ -189,15 +204,20 @@ class Checkpoint:
                     return {}  # a different model, data or option set: start afresh
                 meta = json.loads(str(z["reports"]))
                 return {
-                    m["weight"]: (z[f"ints/{m['weight']}"], LayerReport(**{**m, "shape": tuple(m["shape"])}))
+                    m["weight"]: (
+                        z[f"ints/{m['weight']}"],
+                        LayerReport(**{**m, "shape": tuple(m["shape"])}),
+                        z[f"shift/{m['weight']}"] if f"shift/{m['weight']}" in z.files else None,
+                    )
                     for m in meta
                 }
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
             return {}  # unreadable (e.g. killed mid-write before the rename): start afresh
 
-    def save(self, done: dict[str, tuple[np.ndarray, LayerReport]]) -> None:
-        arrays = {f"ints/{name}": ints for name, (ints, _) in done.items()}
-        reports = json.dumps([asdict(r) for _, r in done.values()])
+    def save(self, done: dict[str, tuple[np.ndarray, LayerReport, np.ndarray | None]]) -> None:
+        arrays = {f"ints/{name}": ints for name, (ints, _, _) in done.items()}
+        arrays.update({f"shift/{name}": shift for name, (_, _, shift) in done.items() if shift is not None})
+        reports = json.dumps([asdict(r) for _, r, _ in done.values()])
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as f:
             np.savez(f, fingerprint=np.array(self.fingerprint), reports=np.array(reports), **arrays)

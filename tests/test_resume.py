@@ -1,4 +1,4 @@
-"""A killed conversion resumes from its per-layer checkpoint and ends with the same integers."""
+"""A killed conversion resumes from its per-layer checkpoint and ends with the same integers and biases."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from qcb_onnx.emit import read_weight_ints
 
 
 def _ints(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Integer weights and int32 biases (each bias holds its layer's correction, which resumes too)."""
     return {
         t.name: read_weight_ints(model, t.name[: -len("_quantized")])
         for t in model.graph.initializer
-        if t.name.endswith("weight_quantized")
+        if t.name.endswith(("weight_quantized", "bias_quantized"))
     }
 
 
@@ -42,6 +43,7 @@ def test_interrupted_run_resumes_with_identical_integers(qcb_model, digits, tmp_
 
     monkeypatch.setattr(weights_module, "solve", counting_solve)
     reference = _ints(quantize(onnx.load(qcb_model), calib, **options).model)
+    assert any(name.endswith("bias_quantized") for name in reference)
     layers, total = 4, calls["n"]
     assert total >= 2 * layers  # the pass without pull and at least one budget
 
@@ -72,6 +74,7 @@ def test_checkpoint_of_another_run_is_ignored(qcb_model, digits, tmp_path):
             "features.0.weight": (
                 np.zeros((16, 1, 3, 3), np.int32),
                 LayerReport("n", "features.0.weight", (16, 1, 3, 3), 0.0, 1.0, 0.0),
+                None,
             )
         }
     )
