@@ -21,7 +21,7 @@ from qcb_onnx.quantsim import quantize_bias
 
 
 def _conv_model(seed: int = 0) -> onnx.ModelProto:
-    """One 3x3 Conv with a bias: its output is the graph output, so nothing else adds error."""
+    """One 3x3 Conv with a bias whose output is the graph output: the mean error is this layer's."""
     rng = np.random.default_rng(seed)
     w = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
     b = rng.normal(0, 0.1, 8).astype(np.float32)
