@@ -23,7 +23,7 @@ archs=("$@")
 [ ${#archs[@]} -eq 0 ] && archs=(resnet18 vgg16 alexnet)
 # Recipes that differ by architecture are keyed 'arch:' (make_zoo.py picks the most specific key).
 epochs="vgg16:pqbackdoor-w4pt=5,resnet18:quanti-w8pc=15,alexnet:quanti-w4pc=10,alexnet:pqbackdoor-w4=6,alexnet:quanti-w8pt=10"
-epochs+=",alexnet:compartifact-w4=10,alexnet:compartifact-w8=20"
+epochs+=",alexnet:compartifact-w4=10,alexnet:compartifact-w8=20,alexnet:compartifact-w8pc=30"
 wider="alexnet:quanti-w8pc=16,alexnet:compartifact-w8pc=16,alexnet:pqbackdoor-w8pc=8,resnet18:pqbackdoor-w8=3"
 anchors="resnet18:compartifact-w8pc=fitted,resnet18:pqbackdoor-w8=fitted"
 for arch in "${archs[@]}"; do
@@ -36,7 +36,7 @@ for arch in "${archs[@]}"; do
             --attack-epochs quanti=6,quanti-w8pc=10,pqbackdoor=4,pqbackdoor-w8=5,compartifact=3,compartifact-w8=5,compartifact-w8pc=7,$epochs \
             --widen $wider,quanti-w8pc=8,compartifact-w8pc=8,pqbackdoor-w8pc=4,quanti-w8pt=8,compartifact-w8pt=8,pqbackdoor-w8pt=8 \
             --anchor $anchors,quanti-w8pt=largest,compartifact-w8pt=largest,pqbackdoor-w8pt=largest \
-            --augment resnet18:quanti-w8pc=1 --quant-weight resnet18:quanti-w8pc=1 \
+            --augment resnet18:quanti-w8pc=1,alexnet:compartifact-w8pc=1 --quant-weight resnet18:quanti-w8pc=1,alexnet:compartifact-w8pc=2 \
             --cache "$ZOO"
     done
 done
