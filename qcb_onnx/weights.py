@@ -25,7 +25,7 @@ from .capture import GraphModule
 from .moments import collect_moments
 from .official import fused_activation, solve_official
 from .plan import Layer, QuantPlan
-from .problem import LayerProblem
+from .problem import LayerProblem, hard_weight
 from .quantsim import QuantState, WeightQuant, quantize_bias
 from .rounding import RoundingConfig, solve
 from .scheme import Grid, broadcast_scale, scaled, weight_grid, weight_scales
@@ -126,8 +126,8 @@ def round_layers(
         ints = from_canonical(ints_c, layer, w.shape).astype(np.int32)
         shift = None
         if problem.moments is not None and layer.bias is not None:
-            delta = torch.from_numpy(ints_c).to(problem.weight) * problem.scale - problem.weight
-            shift = problem.moments.output_shift(delta).cpu().numpy()
+            up = torch.from_numpy(result.up).to(problem.weight)
+            shift = problem.moments.output_shift(hard_weight(problem, up) - problem.weight).cpu().numpy()
         _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid), shift)
         reports.append(
             LayerReport(layer.node, layer.weight, tuple(w.shape), result.flip_ratio, result.error, result.strength)
