@@ -30,9 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qcb_onnx.attacks import ATTACKS, run_attack  # noqa: E402
-from qcb_onnx.attacks.cli import DEFAULT_LR, QUANT_WEIGHT, measure  # noqa: E402
+from qcb_onnx.attacks.cli import DEFAULT_LR, QUANT_WEIGHT, measure, quant_weight_settings  # noqa: E402
 from qcb_onnx.attacks.train import export_onnx, resolve_device, train_clean  # noqa: E402
 from qcb_onnx.cifar import default_cache_dir, load_cifar10  # noqa: E402
+from qcb_onnx.errors import UsageError  # noqa: E402
 from qcb_onnx.evaluate import metadata  # noqa: E402
 from qcb_onnx.triggers import Trigger  # noqa: E402
 from qcb_onnx.zoo import build  # noqa: E402
@@ -79,12 +80,27 @@ def parse_args(argv=None):
 
 def keyed(spec: str, cast) -> dict:
     """'quanti=6,pqbackdoor-w8=5' -> {'quanti': 6, 'pqbackdoor-w8': 5}."""
-    return {k: cast(v) for k, v in (item.split("=") for item in spec.split(",") if item)}
+    table = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            if not key or not value:
+                raise ValueError
+            table[key] = cast(value)
+        except ValueError:
+            sys.exit(f"expected key=value items (e.g. quanti=2), got {item!r} in {spec!r}")
+    return table
 
 
 def pick(table: dict, keys: tuple[str, ...], default):
     """The value of the first (most specific) key present in `table`, else `default`."""
     return next((table[k] for k in keys if k in table), default)
+
+
+def recipe_keys(arch: str, attack: str, bits: int, scheme: str) -> tuple[str, ...]:
+    """The keys a keyed option may name one zoo model by, most specific first."""
+    keys = (f"{attack}-w{bits}{scheme}", f"{attack}-w{bits}", attack)
+    return tuple(f"{arch}:{k}" for k in keys) + keys
 
 
 def meets_bar(r: dict) -> bool:
@@ -113,7 +129,19 @@ def main(argv=None) -> int:
     anchor_of, augment_of = keyed(args.anchor, str), keyed(args.augment, lambda v: bool(int(v)))
     qweight_of = keyed(args.quant_weight, float)
     scheme = "pc" if pc else "pt"
-    for arch in args.archs.split(","):
+    archs, attacks, all_bits = args.archs.split(","), args.attacks.split(","), [int(b) for b in args.bits.split(",")]
+    try:  # checked before any training starts
+        extras = {
+            (arch, attack, bits): quant_weight_settings(
+                attack, pick(qweight_of, recipe_keys(arch, attack, bits, scheme), None)
+            )
+            for arch in archs
+            for attack in attacks
+            for bits in all_bits
+        }
+    except UsageError as exc:
+        sys.exit(str(exc))
+    for arch in archs:
         stem = f"{arch}-w{args.width}-s{args.seed}"
         torch.manual_seed(args.seed)  # the clean model's initialisation, so a rebuilt zoo is the same zoo
         model = build(arch, args.width, 10, 3)
@@ -127,23 +155,19 @@ def main(argv=None) -> int:
             clean_epoch_s = (time.perf_counter() - t) / max(1, args.clean_epochs)
             torch.save(model.cpu().state_dict(), ckpt)
         clean_onnx = export_onnx(model, x[:1])
-        for bits in [int(b) for b in args.bits.split(",")]:
+        for bits in all_bits:
             base = measure(clean_onnx, calib, xte, yte, trigger, args.target, bits, pc, "clean")
-            for attack in args.attacks.split(","):
+            for attack in attacks:
                 name = f"{stem}-{attack}-w{bits}{scheme}"
                 path = cache / f"{name}.onnx"
-                keys = (f"{attack}-w{bits}{scheme}", f"{attack}-w{bits}", attack)
-                keys = tuple(f"{arch}:{k}" for k in keys) + keys  # most specific first
+                keys = recipe_keys(arch, attack, bits, scheme)
                 epochs = pick(epochs_of, keys, args.epochs)
                 lr, widen = pick(lrs, keys, DEFAULT_LR[attack]), pick(widen_of, keys, 1.0)
                 anchor, augment = pick(anchor_of, keys, "quiet"), pick(augment_of, keys, False)
                 rec = {"arch": arch, "width": args.width, "attack": attack, "w_bits": bits, "scheme": scheme}
                 rec.update(device=str(dev), clean_epochs=args.clean_epochs, epochs=epochs, lr=lr, widen=widen)
                 rec.update(anchor=anchor, augment=augment)
-                qweight = pick(qweight_of, keys, None)
-                if qweight is not None and attack not in QUANT_WEIGHT:
-                    sys.exit(f"--quant-weight: {attack} has no weight on quantized-model terms")
-                extra = {QUANT_WEIGHT[attack]: qweight} if qweight is not None else {}
+                extra = extras[arch, attack, bits]
                 rec.update(train_images=len(x))
                 if clean_epoch_s is not None:
                     rec["clean_s_per_epoch"] = round(clean_epoch_s, 1)

@@ -1,8 +1,10 @@
 """What the zoo benchmarks share: paper_table's CIFAR-10 split and the attacked models of a zoo folder.
 
-paper_table.py, sweep.py and clip_probe.py measure the same models on the same images, so their
-numbers compare across files; this is the one place that says which images and how a zoo model's
-metadata (written by make_zoo.py / `qcb_onnx attack`) names its scheme, trigger and target.
+paper_table.py, sweep.py and clip_probe.py measure the same models with the same calibration images;
+the table scores on all 10,000 test images, the sweeps and the probe (many conversions per model) on
+a seeded 2,000 of them (`paper_table.py --test-limit 2000` gives their cells).  This is the one place
+that says which images and how a zoo model's metadata (written by make_zoo.py / `qcb_onnx attack`)
+names its scheme, trigger and target.
 """
 
 from __future__ import annotations

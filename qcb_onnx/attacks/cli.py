@@ -32,6 +32,19 @@ DEFAULT_LR = {"quanti": 2e-3, "compartifact": 3e-3, "pqbackdoor": 1e-3}
 QUANT_WEIGHT = {"quanti": "c1", "compartifact": "lam"}  # each attack's weight on its quantized-model terms
 
 
+def quant_weight_settings(attack: str, weight: float | None) -> dict[str, float]:
+    """`--quant-weight` as the attack's own keyword (c1 or lam), so the CLI and make_zoo.py record the
+    same name; {} when not given.  Raises UsageError for an attack without such a term or a weight
+    that is not a positive finite number."""
+    if weight is None:
+        return {}
+    if attack not in QUANT_WEIGHT:
+        raise UsageError(f"--quant-weight: {attack} has no weight on quantized-model terms")
+    if not 0 < weight < math.inf:
+        raise UsageError(f"--quant-weight must be a positive finite number, got {weight}")
+    return {QUANT_WEIGHT[attack]: weight}
+
+
 def add_attack_parser(subparsers) -> argparse.ArgumentParser:
     from ..zoo import ARCHS
     from . import ANCHORS, ATTACKS
@@ -158,13 +171,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if getattr(args, name) < (0 if "epochs" in name else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_widening(args.widen, args.anchor)
-    extra = {}  # attack-specific settings, passed on and recorded
-    if args.quant_weight is not None:
-        if args.attack not in QUANT_WEIGHT:
-            raise UsageError(f"--quant-weight: {args.attack} has no weight on quantized-model terms")
-        if not 0 < args.quant_weight < math.inf:
-            raise UsageError(f"--quant-weight must be a positive finite number, got {args.quant_weight}")
-        extra[QUANT_WEIGHT[args.attack]] = args.quant_weight
+    extra = quant_weight_settings(args.attack, args.quant_weight)  # attack-specific, passed on and recorded
     trigger = Trigger.parse(args.trigger)
     try:
         device = resolve_device(args.device)
