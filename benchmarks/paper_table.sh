@@ -13,9 +13,9 @@
 # (attacks/common.py:widen_bins); cached models are reused; then measures FP32, ORT, nearest,
 # AdaRound and EFRAP in ONNX Runtime. Every cell lands in benchmarks/results/paper_table/<model>-a8.json
 # and the zoo's own measurements in $ZOO/zoo.json. Time on the 2-core CPU for VGG-16 w16: 6 min of clean
-# training, 23-47 s per attack epoch (12 attacks, ~50 min), the table ~40 s per model: about 1 hour;
-# ResNet-18 w16 about twice that (46-94 s per attack epoch); AlexNet w32 about 50 minutes (its
-# CompArtifact recipes take 10-20 epochs of 17 s).
+# training, 23-47 s per attack epoch (12 attacks, ~50 min): about 1 hour; ResNet-18 w16 about twice
+# that (46-94 s per attack epoch); AlexNet w32 about 50 minutes (its CompArtifact recipes take 10-20
+# epochs of 17 s). Then the table: ~1.5 min per model on the 10,000 test images (56 min for all 36).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ZOO=${ZOO:-$HOME/.cache/qcb_onnx/zoo_cpu}

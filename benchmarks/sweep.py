@@ -1,15 +1,17 @@
 """What should the defense's knobs default to?  Measured on real QCBs, not guessed.
 
     python benchmarks/sweep.py [--knob error_budget --values 0.1 0.25 0.5 1.0] [--seeds 0 1 2]
-                               [--zoo DIR --only w4] [--no-digits] [--a-bits 8|4] [--out results/NAME.json]
+                               [--zoo DIR --only w4 --test-limit 2000|all] [--no-digits] [--a-bits 8|4]
+                               [--out results/NAME.json]
 
 The knobs: `error_budget` (the share of the reconstruction-error gap between rounding without pull
 and nearest rounding that flipping may spend, per layer) and `act_headroom` (how far activation
 ranges reach beyond what the calibration set showed).  For digits QCB models built with the shipped
 recipe (samples/make_sample.py, W4 per-channel Qu-ANTI-zation, one per seed) and for every attacked
-model of a zoo folder (benchmarks/make_zoo.py; CIFAR-10, paper_table's 1,024 calibration and 2,000
-test images), this converts at each value, in the scheme the attack targeted, and measures CDA/ASR
-in ONNX Runtime beside FP32 and ORT's quantize_static.  Writes a JSON and a markdown table.
+model of a zoo folder (benchmarks/make_zoo.py; CIFAR-10, paper_table's 1,024 calibration images and
+a seeded 2,000 of its 10,000 test images, or all of them with `--test-limit all`), this converts at
+each value, in the scheme the attack targeted, and measures CDA/ASR in ONNX Runtime beside FP32 and
+ORT's quantize_static.  Writes a JSON and a markdown table.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def digits_models(seeds: list[int]):
         yield f"digits-s{seed}", fp, 4, True, tr["x"][:256], te["x"], te["y"], Trigger.parse(sample.TRIGGER), 0
 
 
-def zoo_models(zoo: Path, only: str):
-    calib, xte, yte = paper_split()
+def zoo_models(zoo: Path, only: str, test_limit: int | None = 2000):
+    calib, xte, yte = paper_split(test_limit=test_limit)
     for zm in attacked_models(zoo, only):
         yield zm.name, zm.model, zm.w_bits, zm.per_channel, calib, xte, yte, zm.trigger, zm.target
 
@@ -67,12 +69,18 @@ def main() -> None:
     ap.add_argument("--a-bits", type=int, choices=(8, 4), default=8)
     ap.add_argument("--zoo", default=None, help="also every attacked model of this zoo folder")
     ap.add_argument("--only", default="", help="substring filter on zoo model names")
+    ap.add_argument(
+        "--test-limit",
+        type=lambda v: None if v == "all" else int(v),
+        default=2000,
+        help="zoo models' seeded test subset, or all (paper_table's 10,000) (default 2000)",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "budget_sweep.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
     models = [] if args.no_digits else list(digits_models(args.seeds))
     if args.zoo:
-        models += list(zoo_models(Path(args.zoo).expanduser(), args.only))
+        models += list(zoo_models(Path(args.zoo).expanduser(), args.only, args.test_limit))
     rows = []
     for name, fp, bits, per_channel, calib, xte, yte, trigger, target in models:
         fp32 = score("fp32", fp, xte, yte, trigger, target, providers="cpu")
