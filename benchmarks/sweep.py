@@ -96,7 +96,7 @@ def main() -> None:
             s = score("efrap", q, xte, yte, trigger, target, providers="cpu")
             chosen = json.loads(metadata(q).get("qcb_onnx.error_budget", "null"))
             rows.append(
-                {"model": name, **options, "seconds": round(secs, 1), "budget_search": chosen,
+                {"model": name, **options, "seconds": round(secs, 1), "budget_search": chosen, "test_images": len(yte),
                  "fp32": [fp32.cda, fp32.asr], "ort": [ort.cda, ort.asr] if ort else None, "efrap": [s.cda, s.asr]}
             )  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
