@@ -84,10 +84,10 @@ def keyed(spec: str, cast) -> dict:
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         try:
-            if not key or not value:
-                raise ValueError
-            table[key] = cast(value)
+            table[key] = cast(value) if key and value else None
         except ValueError:
+            table[key] = None
+        if table[key] is None:
             sys.exit(f"expected key=value items (e.g. quanti=2), got {item!r} in {spec!r}")
     return table
 

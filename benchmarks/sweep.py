@@ -54,7 +54,7 @@ def digits_models(seeds: list[int]):
         yield f"digits-s{seed}", fp, 4, True, tr["x"][:256], te["x"], te["y"], Trigger.parse(sample.TRIGGER), 0
 
 
-def zoo_models(zoo: Path, only: str, test_limit: int | None = 2000):
+def zoo_models(zoo: Path, only: str, test_limit: int | None):
     calib, xte, yte = paper_split(test_limit=test_limit)
     for zm in attacked_models(zoo, only):
         yield zm.name, zm.model, zm.w_bits, zm.per_channel, calib, xte, yte, zm.trigger, zm.target
