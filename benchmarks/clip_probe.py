@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from zoo_data import paper_split, read_zoo_model
 
-from qcb_onnx.convert import Conversion, quantize
+from qcb_onnx.pipeline import Conversion, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 

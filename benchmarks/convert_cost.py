@@ -38,9 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qcb_onnx.attacks.train import export_onnx  # noqa: E402
-from qcb_onnx.cifar import load_cifar10  # noqa: E402
-from qcb_onnx.zoo import build, fuse_batchnorm  # noqa: E402
+from qcb_onnx.redteam.cifar import load_cifar10  # noqa: E402
+from qcb_onnx.redteam.train import export_onnx  # noqa: E402
+from qcb_onnx.redteam.zoo import build, fuse_batchnorm  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SCHEMES = {"w8a8": ("8", "8"), "w4a4": ("4", "4")}

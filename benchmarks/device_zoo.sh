@@ -12,7 +12,7 @@ timeout 330 python3 benchmarks/make_zoo.py --width 16 --limit 25000 --test-limit
     --cache "$OUT/zoo" --archive .cache/cifar10-jpeg.tar.gz --threads 16 2>&1 | grep -v -e 'it/s' -e Warn
 python3 - <<'PY'
 import os, numpy as np
-from qcb_onnx.cifar import load_cifar10
+from qcb_onnx.redteam.cifar import load_cifar10
 x, _ = load_cifar10("train", 1024, 0, archive=".cache/cifar10-jpeg.tar.gz")
 np.save(os.environ.get("OUT", "/tmp/out") + "/calib.npy", x)
 PY

@@ -29,14 +29,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qcb_onnx.attacks import ATTACKS, run_attack  # noqa: E402
-from qcb_onnx.attacks.cli import DEFAULT_LR, QUANT_WEIGHT, measure, quant_weight_settings  # noqa: E402
-from qcb_onnx.attacks.train import export_onnx, resolve_device, train_clean  # noqa: E402
-from qcb_onnx.cifar import default_cache_dir, load_cifar10  # noqa: E402
 from qcb_onnx.errors import UsageError  # noqa: E402
-from qcb_onnx.evaluate import metadata  # noqa: E402
-from qcb_onnx.triggers import Trigger  # noqa: E402
-from qcb_onnx.zoo import build  # noqa: E402
+from qcb_onnx.evaluate.score import metadata  # noqa: E402
+from qcb_onnx.evaluate.triggers import Trigger  # noqa: E402
+from qcb_onnx.redteam import ATTACKS, run_attack  # noqa: E402
+from qcb_onnx.redteam.cifar import default_cache_dir, load_cifar10  # noqa: E402
+from qcb_onnx.redteam.cli import DEFAULT_LR, QUANT_WEIGHT, measure, quant_weight_settings  # noqa: E402
+from qcb_onnx.redteam.train import Training, export_onnx, resolve_device, train_clean  # noqa: E402
+from qcb_onnx.redteam.zoo import build  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
             model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
         else:
             t = time.perf_counter()
-            train_clean(model, x, y, args.clean_epochs, 2e-3, args.batch_size, args.seed, dev, True, True)
+            train_clean(model, x, y, Training(args.clean_epochs, 2e-3, args.batch_size, True, args.seed, dev, True))
             clean_epoch_s = (time.perf_counter() - t) / max(1, args.clean_epochs)
             torch.save(model.cpu().state_dict(), ckpt)
         clean_onnx = export_onnx(model, x[:1])

@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from qcb_onnx import convert
-from qcb_onnx.evaluate import ort_quantize
+from qcb_onnx.evaluate.baseline import ort_quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 

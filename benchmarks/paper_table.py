@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo_data import attacked_models, paper_split  # noqa: E402
 
 from qcb_onnx import convert  # noqa: E402
-from qcb_onnx.cifar import default_cache_dir  # noqa: E402
-from qcb_onnx.convert import default_headroom  # noqa: E402
-from qcb_onnx.evaluate import ort_quantize, score  # noqa: E402
+from qcb_onnx.config import default_headroom  # noqa: E402
+from qcb_onnx.evaluate.baseline import ort_quantize  # noqa: E402
+from qcb_onnx.evaluate.score import score  # noqa: E402
+from qcb_onnx.redteam.cifar import default_cache_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {  # official README reproduction (weights only, activations FP32): FP32, standard, EFRAP as CDA/ASR

@@ -52,7 +52,11 @@ CASES: dict[str, tuple[str, str, dict]] = {
     "digits-efrap-a4-budget": ("digits.onnx", "digits_calib.npy", {"w_bits": 4, "a_bits": 4, "error_budget": 0.1}),
     "resnet18-w8-efrap": ("resnet18.onnx", "cifar_calib.npy", {"calib_size": 128}),
     "vgg16-w8-efrap-w4": ("vgg16.onnx", "cifar_calib.npy", {"calib_size": 128, "w_bits": 4}),
-    "alexnet-w16-efrap-w4pt": ("alexnet.onnx", "cifar_calib.npy", {"calib_size": 128, "w_bits": 4, "per_channel": False}),
+    "alexnet-w16-efrap-w4pt": (
+        "alexnet.onnx",
+        "cifar_calib.npy",
+        {"calib_size": 128, "w_bits": 4, "per_channel": False},
+    ),
     "mobilenetv2-w8-adaround": (
         "mobilenetv2.onnx",
         "cifar_calib.npy",
@@ -64,16 +68,12 @@ ZOO = {"resnet18": 8, "vgg16": 8, "alexnet": 16, "mobilenetv2": 8}
 
 
 def build_models(work: Path) -> None:
-    """The models and calibration sets every case reads, written once into `work`."""
+    """The models and calibration sets every case reads, written once into `work` (by this checkout)."""
     import onnx
     import torch
 
-    try:
-        from qcb_onnx.redteam.train import export_onnx
-        from qcb_onnx.redteam.zoo import build
-    except ImportError:  # a checkout from before the red-team subpackage
-        from qcb_onnx.attacks.train import export_onnx
-        from qcb_onnx.zoo import build
+    from qcb_onnx.redteam.train import export_onnx
+    from qcb_onnx.redteam.zoo import build
 
     (work / "digits.onnx").write_bytes((SAMPLES / "qcb_digits.onnx").read_bytes())
     np.save(work / "digits_calib.npy", np.load(SAMPLES / "calib.npy"))
@@ -102,6 +102,9 @@ def build_models(work: Path) -> None:
 
 def dump(work: Path, out: Path, cases: list[str]) -> None:
     """Convert every case with the qcb_onnx on sys.path and save what it decided (child process)."""
+    if os.environ.get("SAME_OUTPUTS_ISOLATE"):  # the base checkout: an editable install of this one must
+        # not fill in modules the base lacks (it maps qcb_onnx.passes to this checkout's passes/)
+        sys.meta_path[:] = [f for f in sys.meta_path if "_EditableFinder" not in getattr(f, "__name__", "")]
     import torch
 
     try:
@@ -141,7 +144,9 @@ def dump(work: Path, out: Path, cases: list[str]) -> None:
 def checkout(base: str, into: Path) -> Path:
     """`base` as a detached worktree; a checkout whose qcb_onnx.passes lived in a top-level passes/
     mapped by package-dir gets a link, so its own passes are imported, not this checkout's."""
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(into), base], check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(into), base], check=True, capture_output=True
+    )
     inner = into / "qcb_onnx" / "passes"
     if not inner.exists() and (into / "passes").is_dir():
         inner.symlink_to(into / "passes", target_is_directory=True)
@@ -149,7 +154,7 @@ def checkout(base: str, into: Path) -> Path:
 
 
 def run_child(tree: Path, work: Path, out: Path, cases: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": str(tree), **({"SAME_OUTPUTS_ISOLATE": "1"} if tree != ROOT else {})}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--dump", str(out), "--work", str(work), "--cases", *cases]
     subprocess.run(cmd, check=True, env=env, cwd=tree)
 
@@ -205,14 +210,19 @@ def main() -> int:
         "base": args.base,
         "after": head.stdout.strip() + (" (uncommitted changes)" if dirty.strip() else ""),
         "cases": {
-            n: {"layers": len(after[n]["layers"]), "seconds_before": before[n]["seconds"], "seconds_after": after[n]["seconds"]}
+            n: {
+                "layers": len(after[n]["layers"]),
+                "seconds_before": before[n]["seconds"],
+                "seconds_after": after[n]["seconds"],
+            }
             for n in args.cases
         },
         "arrays_compared": n_arrays,
         "differences": diffs,
         "identical": not diffs,
     }
-    print(f"{len(args.cases)} cases, {n_arrays} arrays compared: {'identical' if not diffs else f'{len(diffs)} differences'}")
+    verdict = "identical" if not diffs else f"{len(diffs)} differences"
+    print(f"{len(args.cases)} cases, {n_arrays} arrays compared: {verdict}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if not diffs else 1

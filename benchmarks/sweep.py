@@ -27,9 +27,10 @@ import torch
 from zoo_data import attacked_models, paper_split
 
 from qcb_onnx import convert
-from qcb_onnx.attacks.train import export_onnx
-from qcb_onnx.evaluate import metadata, ort_quantize, score
-from qcb_onnx.triggers import Trigger
+from qcb_onnx.evaluate.baseline import ort_quantize
+from qcb_onnx.evaluate.score import metadata, score
+from qcb_onnx.evaluate.triggers import Trigger
+from qcb_onnx.redteam.train import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOBS = ("error_budget", "act_headroom")

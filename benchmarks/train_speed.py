@@ -23,7 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qcb_onnx.zoo import build  # noqa: E402
+from qcb_onnx.redteam.zoo import build  # noqa: E402
 
 
 def images_per_second(arch: str, width: int, steps: int, batch: int = 128) -> float:

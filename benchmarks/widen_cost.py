@@ -20,13 +20,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qcb_onnx.attacks import ANCHORS  # noqa: E402
-from qcb_onnx.attacks.common import anchor_probe, widen_bins  # noqa: E402
-from qcb_onnx.attacks.train import export_onnx  # noqa: E402
-from qcb_onnx.cifar import default_cache_dir, load_cifar10  # noqa: E402
-from qcb_onnx.evaluate import ort_quantize, score  # noqa: E402
-from qcb_onnx.triggers import Trigger  # noqa: E402
-from qcb_onnx.zoo import build, fuse_batchnorm  # noqa: E402
+from qcb_onnx.evaluate.baseline import ort_quantize  # noqa: E402
+from qcb_onnx.evaluate.score import score  # noqa: E402
+from qcb_onnx.evaluate.triggers import Trigger  # noqa: E402
+from qcb_onnx.redteam import ANCHORS  # noqa: E402
+from qcb_onnx.redteam.cifar import default_cache_dir, load_cifar10  # noqa: E402
+from qcb_onnx.redteam.common import anchor_probe, widen_bins  # noqa: E402
+from qcb_onnx.redteam.train import export_onnx  # noqa: E402
+from qcb_onnx.redteam.zoo import build, fuse_batchnorm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

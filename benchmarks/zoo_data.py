@@ -20,9 +20,9 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qcb_onnx.cifar import load_cifar10  # noqa: E402
-from qcb_onnx.evaluate import metadata  # noqa: E402
-from qcb_onnx.triggers import Trigger  # noqa: E402
+from qcb_onnx.evaluate.score import metadata  # noqa: E402
+from qcb_onnx.evaluate.triggers import Trigger  # noqa: E402
+from qcb_onnx.redteam.cifar import load_cifar10  # noqa: E402
 
 
 def paper_split(calib_size: int = 1024, test_limit: int | None = 2000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

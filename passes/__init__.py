@@ -29,6 +29,7 @@ import onnx_ir.passes.common as _common
 
 from qcb_onnx import large
 from qcb_onnx.errors import ModelFileError, UsageError
+from qcb_onnx.text import one_line
 
 from .eliminate_dropout import EliminateDropoutPass
 from .fold_batchnorm import FoldBatchNormPass
@@ -87,11 +88,6 @@ def normalize_pass(*, max_iterations: int = 4, size_limit: int = DEFAULT_SIZE_LI
     return make_normalize_pass(max_iterations=max_iterations, size_limit=size_limit)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference, fold BatchNormalization into the preceding Conv/Gemm/ConvTranspose, fold a
     following Add/Mul of a per-output-channel constant into Conv (like ORT's
@@ -110,7 +106,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         model_ir = ir.serde.deserialize_model(model)
     except Exception as exc:
-        raise ModelFileError(f"cannot read the ONNX model: {_first_line(exc)}") from exc
+        raise ModelFileError(f"cannot read the ONNX model: {one_line(exc)}") from exc
     normalize_pass()(model_ir)
     result = ir.serde.serialize_model(model_ir)
     try:
@@ -119,6 +115,6 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             large.check_model(model, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as in_exc:
-            raise ModelFileError(f"the model fails the ONNX checker: {_first_line(in_exc)}") from in_exc
+            raise ModelFileError(f"the model fails the ONNX checker: {one_line(in_exc)}") from in_exc
         raise RuntimeError(f"normalize produced an invalid model (a qcb-onnx bug): {exc}") from exc
     return result

@@ -24,16 +24,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ._utils import (
-    FOLDABLE_DTYPES,
-    bypass_node,
-    cast_back,
-    const_array,
-    const_dtype,
-    fold_each_node,
-    set_const_input,
-    single_consumer,
-)
+from . import _utils
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +100,16 @@ def _try_fold(bn: ir.Node) -> bool:
         or inbound.domain not in ("", "ai.onnx")
         or inbound.op_type not in _INBOUND_OPS
         or inbound.outputs[0] is not x
-        or not single_consumer(x, bn)
+        or not _utils.single_consumer(x, bn)
         or len(inbound.inputs) < 2
     ):
         return False
     w_value = inbound.inputs[1]
-    weight = const_array(w_value)
-    w_dtype = const_dtype(w_value)
-    if weight is None or w_dtype not in FOLDABLE_DTYPES:
+    weight = _utils.const_array(w_value)
+    w_dtype = _utils.const_dtype(w_value)
+    if weight is None or w_dtype not in _utils.FOLDABLE_DTYPES:
         return False
-    params = [const_array(v) for v in bn.inputs[1:]]
+    params = [_utils.const_array(v) for v in bn.inputs[1:]]
     if any(p is None for p in params):
         return False
     channels = _output_channels(inbound, weight)
@@ -129,12 +120,12 @@ def _try_fold(bn: ir.Node) -> bool:
 
     b_value = inbound.inputs[2] if len(inbound.inputs) > 2 else None
     if b_value is not None:
-        bias = const_array(b_value)
+        bias = _utils.const_array(b_value)
         if bias is None:
             return False
         bias = bias.astype(np.float64)
-        b_dtype = const_dtype(b_value)
-        if b_dtype not in FOLDABLE_DTYPES:
+        b_dtype = _utils.const_dtype(b_value)
+        if b_dtype not in _utils.FOLDABLE_DTYPES:
             return False
     else:
         bias = np.zeros(channels, dtype=np.float64)
@@ -161,11 +152,11 @@ def _try_fold(bn: ir.Node) -> bool:
         return False
 
     base = w_value.name or "weight"
-    set_const_input(inbound, 1, cast_back(new_weight, w_dtype), f"{base}_bnfolded")
-    set_const_input(inbound, 2, cast_back(new_bias, b_dtype), f"{base}_bias_bnfolded")
+    _utils.set_const_input(inbound, 1, _utils.cast_back(new_weight, w_dtype), f"{base}_bnfolded")
+    _utils.set_const_input(inbound, 2, _utils.cast_back(new_bias, b_dtype), f"{base}_bias_bnfolded")
     if inbound.op_type == "Gemm":
         inbound.attributes.pop("beta", None)
-    bypass_node(bn, bn.outputs[0], x)
+    _utils.bypass_node(bn, bn.outputs[0], x)
     logger.debug("Folded %s into %s", bn.name, inbound.name)
     return True
 
@@ -177,4 +168,4 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        return fold_each_node(model, _try_fold, "BatchNormalization node(s)", logger)
+        return _utils.fold_each_node(model, _try_fold, "BatchNormalization node(s)", logger)

@@ -20,16 +20,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ._utils import (
-    FOLDABLE_DTYPES,
-    bypass_node,
-    cast_back,
-    const_array,
-    const_dtype,
-    fold_each_node,
-    set_const_input,
-    single_consumer,
-)
+from . import _utils
 
 logger = logging.getLogger(__name__)
 
@@ -59,25 +50,25 @@ def _try_fold(node: ir.Node) -> bool:
             or conv.domain not in ("", "ai.onnx")
             or conv.op_type != "Conv"
             or len(conv.inputs) < 2
-            or not single_consumer(x, node)
+            or not _utils.single_consumer(x, node)
         ):
             continue
-        c = const_array(other)
+        c = _utils.const_array(other)
         w_value = conv.inputs[1]
-        weight = const_array(w_value)
-        w_dtype = const_dtype(w_value)
-        if c is None or weight is None or w_dtype not in FOLDABLE_DTYPES or weight.ndim < 3:
+        weight = _utils.const_array(w_value)
+        w_dtype = _utils.const_dtype(w_value)
+        if c is None or weight is None or w_dtype not in _utils.FOLDABLE_DTYPES or weight.ndim < 3:
             continue
-        if const_dtype(other) != w_dtype:
+        if _utils.const_dtype(other) != w_dtype:
             continue
         vec = _per_channel(c, weight.ndim, weight.shape[0])
         if vec is None:
             continue
         b_value = conv.inputs[2] if len(conv.inputs) > 2 else None
         if b_value is not None:
-            bias = const_array(b_value)
-            b_dtype = const_dtype(b_value)
-            if bias is None or b_dtype not in FOLDABLE_DTYPES or bias.size != weight.shape[0]:
+            bias = _utils.const_array(b_value)
+            b_dtype = _utils.const_dtype(b_value)
+            if bias is None or b_dtype not in _utils.FOLDABLE_DTYPES or bias.size != weight.shape[0]:
                 continue
             bias = bias.astype(np.float64).reshape(-1)
         else:
@@ -87,13 +78,13 @@ def _try_fold(node: ir.Node) -> bool:
         if node.op_type == "Mul":
             scale = vec.reshape((-1,) + (1,) * (weight.ndim - 1))
             new_weight = weight.astype(np.float64) * scale
-            set_const_input(conv, 1, cast_back(new_weight, w_dtype), f"{base}_mulfolded")
+            _utils.set_const_input(conv, 1, _utils.cast_back(new_weight, w_dtype), f"{base}_mulfolded")
             if bias is not None:
-                set_const_input(conv, 2, cast_back(bias * vec, b_dtype), f"{base}_bias_mulfolded")
+                _utils.set_const_input(conv, 2, _utils.cast_back(bias * vec, b_dtype), f"{base}_bias_mulfolded")
         else:
             new_bias = vec if bias is None else bias + vec
-            set_const_input(conv, 2, cast_back(new_bias, b_dtype), f"{base}_bias_addfolded")
-        bypass_node(node, node.outputs[0], x)
+            _utils.set_const_input(conv, 2, _utils.cast_back(new_bias, b_dtype), f"{base}_bias_addfolded")
+        _utils.bypass_node(node, node.outputs[0], x)
         logger.debug("Folded %s %s into %s", node.op_type, node.name, conv.name)
         return True
     return False
@@ -106,4 +97,4 @@ class FoldConvAddMulPass(ir.passes.InPlacePass):
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        return fold_each_node(model, _try_fold, "Add/Mul node(s) into Conv", logger)
+        return _utils.fold_each_node(model, _try_fold, "Add/Mul node(s) into Conv", logger)

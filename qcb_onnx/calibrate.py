@@ -18,7 +18,6 @@ from .plan import QuantPlan
 from .quantsim import ActQuant
 from .scheme import Grid, activation_grid, activation_params
 
-CALIB_METHODS = ("minmax", "percentile", "mse")
 SAMPLE_PER_TENSOR = 1 << 18
 
 

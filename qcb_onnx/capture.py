@@ -20,7 +20,6 @@ calibration work starts, with one line naming everything that is missing.
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from qcb_onnx.errors import CalibrationDataError, ModelFileError, QcbError, UnsupportedModelError, UsageError
+from qcb_onnx.load import graph_order
 
 __all__ = ["GraphModule", "UnsupportedOps", "MIN_OPSET", "SUPPORTED_OPS"]
 
@@ -67,26 +67,23 @@ _VALIDATORS: dict[str, Validator] = {}
 _MAX_OUTPUTS = {"MaxPool": 1, "BatchNormalization": 1}
 
 
-def _op(*op_types: str) -> Callable[[OpFn], OpFn]:
-    """Register an op implementation under one or more ONNX op types."""
-
-    def register(fn: OpFn) -> OpFn:
+def _registrar(table: dict[str, Any], *op_types: str) -> Callable[[Any], Any]:
+    def register(fn: Any) -> Any:
         for op_type in op_types:
-            _OPS[op_type] = fn
+            table[op_type] = fn
         return fn
 
     return register
+
+
+def _op(*op_types: str) -> Callable[[OpFn], OpFn]:
+    """Register an op implementation under one or more ONNX op types."""
+    return _registrar(_OPS, *op_types)
 
 
 def _validator(*op_types: str) -> Callable[[Validator], Validator]:
     """Register an up-front attribute check; it returns a short problem description or None."""
-
-    def register(fn: Validator) -> Validator:
-        for op_type in op_types:
-            _VALIDATORS[op_type] = fn
-        return fn
-
-    return register
+    return _registrar(_VALIDATORS, *op_types)
 
 
 # --------------------------------------------------------------------------------------------
@@ -883,55 +880,6 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return opset
 
 
-def _topological_sort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    """Kahn's algorithm; ties are broken by original position so sorted models keep their order."""
-    producer: dict[str, int] = {}
-    for i, node in enumerate(nodes):
-        for name in node.output:
-            if name and (name in producer or name in available):
-                raise ModelFileError(f"tensor '{name}' is defined more than once (node {_label(node, i)})")
-            if name:
-                producer[name] = i
-    predecessors: list[set[int]] = []
-    successors: list[list[int]] = [[] for _ in nodes]
-    for i, node in enumerate(nodes):
-        preds = set()
-        for name in node.input:
-            if not name or name in available:
-                continue
-            if name not in producer:
-                raise ModelFileError(f"node {_label(node, i)} reads tensor '{name}' that nothing defines")
-            preds.add(producer[name])
-        predecessors.append(preds)
-        for p in preds:
-            successors[p].append(i)
-    pending = [len(p) for p in predecessors]
-    ready = [i for i, count in enumerate(pending) if count == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for s in successors[i]:
-            pending[s] -= 1
-            if pending[s] == 0:
-                heapq.heappush(ready, s)
-    if len(order) < len(nodes):
-        i = _node_on_cycle(predecessors, set(range(len(nodes))) - set(order))
-        raise ModelFileError(f"graph has a cycle through node {_label(nodes[i], i)}")
-    return [nodes[i] for i in order]
-
-
-def _node_on_cycle(predecessors: list[set[int]], stuck: set[int]) -> int:
-    """Walk back through unsorted predecessors until a node repeats; that node lies on a cycle."""
-    seen: set[int] = set()
-    i = min(stuck)
-    while i not in seen:
-        seen.add(i)
-        i = min(p for p in predecessors[i] if p in stuck)
-    return i
-
-
 def _format_unsupported(ops: dict[str, list[str]], attrs: list[str]) -> str:
     parts = []
     if ops:
@@ -1000,11 +948,9 @@ class GraphModule:
         self.input_names: list[str] = [i.name for i in graph.input if i.name not in self.params]
         self._inputs = frozenset(self.input_names)
         self.output_names: list[str] = [o.name for o in graph.output]
-        self.nodes: list[onnx.NodeProto] = _topological_sort(list(graph.node), set(self.input_names) | set(self.params))
+        order = graph_order(graph)  # raises InvalidGraphError (a ModelFileError) on a broken graph
+        self.nodes: list[onnx.NodeProto] = list(graph.node) if order is None else [graph.node[i] for i in order]
         self._producer: dict[str, int] = {name: i for i, node in enumerate(self.nodes) for name in node.output if name}
-        for name in self.output_names:
-            if name not in self._producer and name not in self.params and name not in self._inputs:
-                raise ModelFileError(f"graph output '{name}' is not defined by any node, input or initializer")
         self._steps = self._compile(graph)
 
     def producer(self, tensor: str) -> int | None:

@@ -27,12 +27,13 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import onnx
 
 from qcb_onnx.errors import CalibrationDataError, UnsupportedModelError, UsageError
+from qcb_onnx.text import one_line
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -247,11 +248,6 @@ def _default_preprocess(spec: InputSpec) -> Preprocess:
 # Helpers
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
 def _fmt_shape(shape: Sequence[int]) -> str:
     inner = ", ".join(str(int(d)) for d in shape)
     return f"({inner},)" if len(shape) == 1 else f"({inner})"
@@ -312,7 +308,7 @@ def _check_array(value: Any, spec: InputSpec, ctx: _Ctx) -> np.ndarray:
     try:
         arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     except Exception as exc:  # noqa: BLE001 - arbitrary user objects
-        raise ctx.fail(f"{ctx.kind} data for input '{spec.name}' is not an array: {_one_line(exc)}") from None
+        raise ctx.fail(f"{ctx.kind} data for input '{spec.name}' is not an array: {one_line(exc)}") from None
     want_float = spec.dtype.kind == "f"
     if want_float and arr.dtype.kind != "f":
         raise ctx.fail(
@@ -341,7 +337,7 @@ def _check_labels(value: Any, key: str, ctx: _Ctx) -> np.ndarray:
     try:
         labels = np.asarray(value)
     except Exception as exc:  # noqa: BLE001
-        raise ctx.fail(f"labels '{key}' are not an array: {_one_line(exc)}") from None
+        raise ctx.fail(f"labels '{key}' are not an array: {one_line(exc)}") from None
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1:
@@ -450,7 +446,7 @@ def _read_reader(reader: Any, ctx: _Ctx) -> dict[str, np.ndarray]:
         try:
             batch = reader.get_next()
         except Exception as exc:  # noqa: BLE001 - user code
-            raise ctx.fail(f"{ctx.kind} data reader failed in get_next(): {_one_line(exc)}") from None
+            raise ctx.fail(f"{ctx.kind} data reader failed in get_next(): {one_line(exc)}") from None
         if batch is None:
             break
         if not isinstance(batch, Mapping):
@@ -518,7 +514,7 @@ def _check_npy_header(fileobj: Any, size: int, where: str, ctx: _Ctx) -> None:
             else np.lib.format.read_array_header_2_0(fileobj)
         )
     except ValueError as exc:
-        raise ctx.fail(f"cannot read {ctx.kind} data file '{where}': {_one_line(exc)}") from None
+        raise ctx.fail(f"cannot read {ctx.kind} data file '{where}': {one_line(exc)}") from None
     declared = math.prod(shape) * dtype.itemsize
     if declared > size:
         raise ctx.fail(
@@ -544,7 +540,7 @@ def _load_array_file(path: Path, ctx: _Ctx) -> dict[str, Any] | np.ndarray:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise ctx.fail(f"cannot read {ctx.kind} data file '{path}': {_one_line(exc)}") from None
+        raise ctx.fail(f"cannot read {ctx.kind} data file '{path}': {one_line(exc)}") from None
 
 
 @dataclass
@@ -634,7 +630,7 @@ def _tar_images(path: Path, split: tuple[str, ...] | None, display: str, labelle
     try:
         tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the caller via _ImageSet.close
     except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as exc:
-        raise ctx.fail(f"cannot read tar archive '{display}': {_one_line(exc)}") from None
+        raise ctx.fail(f"cannot read tar archive '{display}': {one_line(exc)}") from None
     try:
         return _tar_index(tar, path, split, display, labelled, ctx)
     except BaseException:
@@ -648,7 +644,7 @@ def _tar_index(
     try:
         members = tar.getmembers()
     except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as exc:
-        raise ctx.fail(f"cannot read tar archive '{display}': {_one_line(exc)}") from None
+        raise ctx.fail(f"cannot read tar archive '{display}': {one_line(exc)}") from None
     by_name: dict[str, tarfile.TarInfo] = {}
     for member in members:
         name = _safe_member_name(member.name, display, ctx)
@@ -667,7 +663,7 @@ def _tar_index(
                 handle = tar.extractfile(by_name[kept[i]])
                 data = handle.read() if handle is not None else b""
             except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as exc:
-                raise ctx.fail(f"cannot read '{kept[i]}' from {where}: {_one_line(exc)}") from None
+                raise ctx.fail(f"cannot read '{kept[i]}' from {where}: {one_line(exc)}") from None
             yield i, kept[i], data
 
     return _ImageSet(list(kept), labels, classes, read, tar.close)
@@ -694,7 +690,7 @@ def _decode_images(images: _ImageSet, indices: Sequence[int], pre: Preprocess, c
             except CalibrationDataError:
                 raise
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
-                raise ctx.fail(f"cannot decode image '{name}': {_one_line(exc)}") from None
+                raise ctx.fail(f"cannot decode image '{name}': {one_line(exc)}") from None
             if pixels.ndim == 2:
                 pixels = pixels[:, :, None]
             if buf is None:
@@ -780,13 +776,33 @@ def _from_path(
         raise ctx.fail(f"a ':split' suffix only applies to image folders and tar archives, not '{path.name}'")
     loaded = _load_array_file(path, ctx)
     if isinstance(loaded, np.ndarray):
-        if len(specs) != 1:
-            names = ", ".join(spec.name for spec in specs)
-            raise ctx.fail(f"a .npy file holds one array but the model has inputs {names}; use an .npz")
-        if labelled:
-            raise ctx.fail(f"{kind} data has no labels: a .npy holds inputs only; use an .npz with 'labels' or 'y'")
-        return _finish({specs[0].name: loaded}, specs, ctx, limit, seed)
+        hints = (
+            "a .npy file holds one array",
+            "use an .npz",
+            "a .npy holds inputs only; use an .npz with 'labels' or 'y'",
+        )
+        return _one_array(loaded, specs, ctx, labelled, limit, seed, *hints)
     return _from_mapping(loaded, specs, ctx, labelled, limit, seed)
+
+
+def _one_array(
+    value: Any,
+    specs: list[InputSpec],
+    ctx: _Ctx,
+    labelled: bool,
+    limit: int | None,
+    seed: int,
+    what: str,
+    fix: str,
+    labels_hint: str,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """A bare array: the model's only input, and no labels."""
+    if len(specs) != 1:
+        names = ", ".join(spec.name for spec in specs)
+        raise ctx.fail(f"{what} but the model has inputs {names}; {fix}")
+    if labelled:
+        raise ctx.fail(f"{ctx.kind} data has no labels: {labels_hint}")
+    return _finish({specs[0].name: value}, specs, ctx, limit, seed)
 
 
 def _load(
@@ -820,12 +836,8 @@ def _load(
         names, _ = _match_inputs(list(inputs), specs, False, ctx)
         return _finish({n: inputs[k] for n, k in names.items()}, specs, ctx, limit, seed, ("labels", labels))
     if isinstance(source, np.ndarray) or hasattr(source, "__array__"):
-        if len(specs) != 1:
-            names = ", ".join(spec.name for spec in specs)
-            raise ctx.fail(f"{kind} data is a single array but the model has inputs {names}; pass a dict")
-        if labelled:
-            raise ctx.fail(f"{kind} data has no labels: pass (inputs, labels) or a dict with 'labels'")
-        return _finish({specs[0].name: source}, specs, ctx, limit, seed)
+        hints = (f"{kind} data is a single array", "pass a dict", "pass (inputs, labels) or a dict with 'labels'")
+        return _one_array(source, specs, ctx, labelled, limit, seed, *hints)
     raise UsageError(
         f"unsupported {kind} data source of type {type(source).__name__}: expected a path, an array, "
         f"a dict of arrays or an object with get_next()"
@@ -836,14 +848,22 @@ def _load(
 # Public API
 
 
-def load_calibration(
-    source: Any,
-    specs: list[InputSpec],
-    *,
-    preprocess: Preprocess | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-) -> dict[str, np.ndarray]:
+class LoadOptions(TypedDict, total=False):
+    """Keyword options of `load_calibration` and `load_labelled`."""
+
+    preprocess: Preprocess | None  # image files -> model input; None: inferred from the input shape
+    limit: int | None  # keep at most this many samples (seeded)
+    seed: int
+
+
+def _load_options(options: dict[str, Any]) -> tuple[Preprocess | None, int | None, int]:
+    unknown = sorted(set(options) - set(LoadOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    return options.get("preprocess"), options.get("limit"), options.get("seed", 0)
+
+
+def load_calibration(source: Any, specs: list[InputSpec], **options: Unpack[LoadOptions]) -> dict[str, np.ndarray]:
     """Load calibration inputs as ``{input name: float32 C-contiguous array (N, ...)}``.
 
     `source` is a .npy / .npz / ImageFolder directory / .tar(.gz) path (``path:split`` picks a split
@@ -852,17 +872,12 @@ def load_calibration(
     kept in source order.  `preprocess` applies to images only; when None it is inferred from the
     input shape (layout, channels and static H x W).  Any problem raises `CalibrationDataError`.
     """
-    arrays, _ = _load(source, specs, preprocess, limit, seed, labelled=False)
+    arrays, _ = _load(source, specs, *_load_options(options), labelled=False)
     return arrays
 
 
 def load_labelled(
-    source: Any,
-    specs: list[InputSpec],
-    *,
-    preprocess: Preprocess | None = None,
-    limit: int | None = None,
-    seed: int = 0,
+    source: Any, specs: list[InputSpec], **options: Unpack[LoadOptions]
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Load evaluation inputs and int64 labels of shape (N,).
 
@@ -871,7 +886,7 @@ def load_labelled(
     ``(inputs, labels)`` tuple is accepted too.  Same validation and `limit` / `seed` as
     `load_calibration`.
     """
-    arrays, labels = _load(source, specs, preprocess, limit, seed, labelled=True)
+    arrays, labels = _load(source, specs, *_load_options(options), labelled=True)
     assert labels is not None
     return arrays, labels
 

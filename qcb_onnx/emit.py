@@ -29,6 +29,35 @@ def _int_tensor(name: str, values: np.ndarray, onnx_type: int) -> TensorProto:
     return numpy_helper.from_array(values.astype(np_type), name)
 
 
+def _dequantized(
+    name: str,
+    ints: np.ndarray,
+    onnx_type: int,
+    scale: np.ndarray,
+    params: str,
+    axis: int | None,
+    inits: list[TensorProto],
+    nodes: list[onnx.NodeProto],
+) -> str:
+    """Integers of initializer `name` (zero points 0) and their DequantizeLinear, in ORT's naming
+    (`<name>_quantized`, `<params>_scale`, `<params>_zero_point`); returns the DQ output's name."""
+    inits += [
+        _int_tensor(f"{name}_quantized", ints, onnx_type),
+        numpy_helper.from_array(scale.astype(np.float32), f"{params}_scale"),
+        _int_tensor(f"{params}_zero_point", np.zeros(scale.shape, dtype=np.int32), onnx_type),
+    ]
+    nodes.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{name}_quantized", f"{params}_scale", f"{params}_zero_point"],
+            [f"{name}_DequantizeLinear_Output"],
+            name=f"{name}_DequantizeLinear",
+            **({} if axis is None else {"axis": axis}),
+        )
+    )
+    return f"{name}_DequantizeLinear_Output"
+
+
 def emit_qdq(
     model: onnx.ModelProto, plan: QuantPlan, state: QuantState, metadata: Mapping[str, object]
 ) -> onnx.ModelProto:
@@ -47,39 +76,11 @@ def emit_qdq(
     for name, wq in state.weights.items():
         per_channel = wq.axis is not None
         scale = wq.scale if per_channel else wq.scale.reshape(())
-        zp = np.zeros(scale.shape, dtype=np.int32)
-        new_inits += [
-            _int_tensor(f"{name}_quantized", wq.ints, wq.grid.onnx_type),
-            numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
-            _int_tensor(f"{name}_zero_point", zp, wq.grid.onnx_type),
-        ]
-        attrs = {"axis": wq.axis} if per_channel else {}
-        head.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
-                [f"{name}_DequantizeLinear_Output"],
-                name=f"{name}_DequantizeLinear",
-                **attrs,
-            )
-        )
-        replaced[name] = f"{name}_DequantizeLinear_Output"
+        replaced[name] = _dequantized(name, wq.ints, wq.grid.onnx_type, scale, name, wq.axis, new_inits, head)
     for name, bq in state.biases.items():
-        new_inits += [
-            _int_tensor(f"{name}_quantized", bq.ints, TensorProto.INT32),
-            numpy_helper.from_array(bq.scale.astype(np.float32), f"{name}_quantized_scale"),
-            _int_tensor(f"{name}_quantized_zero_point", np.zeros(bq.scale.shape, np.int32), TensorProto.INT32),
-        ]
-        head.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{name}_quantized", f"{name}_quantized_scale", f"{name}_quantized_zero_point"],
-                [f"{name}_DequantizeLinear_Output"],
-                name=f"{name}_DequantizeLinear",
-                axis=0,
-            )
+        replaced[name] = _dequantized(
+            name, bq.ints, TensorProto.INT32, bq.scale, f"{name}_quantized", 0, new_inits, head
         )
-        replaced[name] = f"{name}_DequantizeLinear_Output"
     keep = [
         numpy_helper.from_array(state.float_biases[t.name], t.name) if t.name in state.float_biases else t
         for t in graph.initializer

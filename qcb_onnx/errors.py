@@ -31,63 +31,50 @@ from __future__ import annotations
 
 
 class QcbError(Exception):
-    """Base class: a one-line message meant for the user, and a process exit code."""
+    """Base class: a one-line message meant for the user, and a process exit code (`code=` of a subclass)."""
 
     exit_code = 1
 
+    def __init_subclass__(cls, code: int | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.exit_code = code
 
-class UsageError(QcbError):
+
+class UsageError(QcbError, code=2):
     """Bad command-line options or API arguments."""
 
-    exit_code = 2
 
-
-class UnsupportedModelError(QcbError):
+class UnsupportedModelError(QcbError, code=2):
     """The model is valid ONNX but uses something qcb-onnx cannot quantize (op type, dtype, ...)."""
 
-    exit_code = 2
 
-
-class ModelFileError(QcbError):
+class ModelFileError(QcbError, code=3):
     """The model file is missing, not ONNX, truncated, or structurally invalid."""
 
-    exit_code = 3
 
-
-class CalibrationDataError(QcbError):
+class CalibrationDataError(QcbError, code=4):
     """Calibration or evaluation data is missing, empty, non-finite or does not fit the model."""
 
-    exit_code = 4
 
-
-class OutputExistsError(QcbError):
+class OutputExistsError(QcbError, code=5):
     """The output path exists and ``--force`` was not given."""
 
-    exit_code = 5
 
-
-class VerificationError(QcbError):
+class VerificationError(QcbError, code=6):
     """The written model failed a post-write check (ONNX checker, ORT load, integer weights)."""
 
-    exit_code = 6
 
-
-class ExternalDataError(ModelFileError):
+class ExternalDataError(ModelFileError, code=7):
     """External tensor data is unsafe or unusable: its location escapes the model folder (``../``,
     absolute path, symlink resolving outside), or the file is missing, not a regular file or too short."""
 
-    exit_code = 7
 
-
-class InvalidGraphError(ModelFileError):
+class InvalidGraphError(ModelFileError, code=8):
     """The graph is structurally broken: a cycle, a tensor name defined twice, an input nothing
     defines, or a tensor whose data does not match its declared dims."""
 
-    exit_code = 8
 
-
-class InvalidWeightsError(ModelFileError):
+class InvalidWeightsError(ModelFileError, code=9):
     """Weights that cannot be quantized safely: NaN/Inf values, zero-sized weights, or dims that are
     negative or declare more than 2**31 elements."""
-
-    exit_code = 9

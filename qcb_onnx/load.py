@@ -44,6 +44,7 @@ from .errors import (
     ModelFileError,
     UnsupportedModelError,
 )
+from .text import one_line, quoted
 
 MIN_OPSET, MAX_OPSET = 11, 23
 QUANT_OPS = {
@@ -139,7 +140,7 @@ def load_model(source: str | Path | onnx.ModelProto, allow_quantized: bool = Fal
         where = str(path)
         model = _parse_file(path)
     _check_model(model, where, allow_quantized)
-    order = _check_graph(model.graph, where)
+    order = graph_order(model.graph, where)
     if order is not None:  # a DAG whose nodes are not in topological order: sort them (in a copy)
         if model is source:
             model = _copy(model)
@@ -174,7 +175,7 @@ def _parse_file(path: Path) -> onnx.ModelProto:
     except FileNotFoundError:
         raise ModelFileError(f"model file not found: {path}") from None
     except (OSError, ValueError) as exc:
-        raise ModelFileError(f"cannot read model file {path}: {_one_line(exc)}") from None
+        raise ModelFileError(f"cannot read model file {path}: {one_line(exc)}") from None
     if not stat.S_ISREG(info.st_mode):
         raise ModelFileError(f"model path is not a file: {path}")
     if info.st_size == 0:
@@ -187,7 +188,7 @@ def _parse_file(path: Path) -> onnx.ModelProto:
     try:
         data = _read_regular(path, info.st_size)
     except OSError as exc:
-        raise ModelFileError(f"cannot read model file {path}: {_one_line(exc)}") from None
+        raise ModelFileError(f"cannot read model file {path}: {one_line(exc)}") from None
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types for hostile bytes
@@ -248,22 +249,22 @@ def _check_model(model: onnx.ModelProto, where: str, allow_quantized: bool = Fal
         )
 
 
-def _check_graph(graph: onnx.GraphProto, where: str) -> list[int] | None:
+def graph_order(graph: onnx.GraphProto, where: str = "model") -> list[int] | None:
     """Names defined once, every input defined, no cycle.  Returns a topological order of the
     node indices when the given order is not one, else None."""
     inputs: set = set()
     for value in graph.input:
         if value.name in inputs:
-            raise InvalidGraphError(f"{where}: graph input {_q(value.name)} is declared twice")
+            raise InvalidGraphError(f"{where}: graph input {quoted(value.name)} is declared twice")
         inputs.add(value.name)
     constants: set = set()
     for tensor in graph.initializer:
         if tensor.name in constants:
-            raise InvalidGraphError(f"{where}: initializer {_q(tensor.name)} is defined twice")
+            raise InvalidGraphError(f"{where}: initializer {quoted(tensor.name)} is defined twice")
         constants.add(tensor.name)
     for sparse in graph.sparse_initializer:
         if sparse.values.name in constants:
-            raise InvalidGraphError(f"{where}: initializer {_q(sparse.values.name)} is defined twice")
+            raise InvalidGraphError(f"{where}: initializer {quoted(sparse.values.name)} is defined twice")
         constants.add(sparse.values.name)
     available = inputs | constants  # IR < 4 lists initializers among the inputs too: allowed
     producer: dict = {}
@@ -275,12 +276,12 @@ def _check_graph(graph: onnx.GraphProto, where: str) -> list[int] | None:
             if name in producer:
                 first = producer[name]
                 raise InvalidGraphError(
-                    f"{where}: tensor {_q(name)} is produced twice, by node {_label(nodes[first], first)} "
+                    f"{where}: tensor {quoted(name)} is produced twice, by node {_label(nodes[first], first)} "
                     f"and by node {_label(node, i)}"
                 )
             if name in available:
                 kind = "an initializer" if name in constants else "a graph input"
-                raise InvalidGraphError(f"{where}: node {_label(node, i)} output {_q(name)} redefines {kind}")
+                raise InvalidGraphError(f"{where}: node {_label(node, i)} output {quoted(name)} redefines {kind}")
             producer[name] = i
     preds: list[set[int]] = []
     for i, node in enumerate(nodes):
@@ -289,7 +290,9 @@ def _check_graph(graph: onnx.GraphProto, where: str) -> list[int] | None:
             if not name or name in available:
                 continue
             if name not in producer:
-                raise InvalidGraphError(f"{where}: node {_label(node, i)} reads tensor {_q(name)} that nothing defines")
+                raise InvalidGraphError(
+                    f"{where}: node {_label(node, i)} reads tensor {quoted(name)} that nothing defines"
+                )
             deps.add(producer[name])
         for name in _outer_names(node):  # subgraphs may read tensors of this graph
             if name in producer:
@@ -298,7 +301,7 @@ def _check_graph(graph: onnx.GraphProto, where: str) -> list[int] | None:
     for value in graph.output:
         if value.name not in producer and value.name not in available:
             raise InvalidGraphError(
-                f"{where}: graph output {_q(value.name)} is not defined by any node, input or initializer"
+                f"{where}: graph output {quoted(value.name)} is not defined by any node, input or initializer"
             )
     order = _topological_order(preds)
     if len(order) < len(nodes):
@@ -370,22 +373,22 @@ def _labelled_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto
     (iterative: no recursion on hostile nesting).  The third item is ``(tensor name,)`` for
     initializers and ``(op type, node outputs)`` for attribute tensors."""
     stack: list[tuple[str, object]] = [("", model.graph)]
-    stack.extend((f"function {_q(f.name)}: ", f) for f in model.functions)
+    stack.extend((f"function {quoted(f.name)}: ", f) for f in model.functions)
     while stack:
         prefix, owner = stack.pop()
         if isinstance(owner, onnx.GraphProto):
             for tensor in owner.initializer:
-                yield tensor, f"{prefix}initializer {_q(tensor.name)}", (tensor.name,)
+                yield tensor, f"{prefix}initializer {quoted(tensor.name)}", (tensor.name,)
             for sparse in owner.sparse_initializer:
                 name = sparse.values.name
-                yield sparse.values, f"{prefix}sparse initializer {_q(name)}", (name,)
-                yield sparse.indices, f"{prefix}indices of sparse initializer {_q(name)}", ()
+                yield sparse.values, f"{prefix}sparse initializer {quoted(name)}", (name,)
+                yield sparse.indices, f"{prefix}indices of sparse initializer {quoted(name)}", ()
         for node in owner.node:
             first = node.output[0] if node.output else ""
-            where = f"{prefix}attribute of {_q(node.op_type)[1:-1]} node {_q(node.name or first)}"
+            where = f"{prefix}attribute of {quoted(node.op_type)[1:-1]} node {quoted(node.name or first)}"
             feeds = (node.op_type, tuple(node.output))
             for attr in node.attribute:
-                what = f"{where} ({_q(attr.name)[1:-1]})"
+                what = f"{where} ({quoted(attr.name)[1:-1]})"
                 if attr.HasField("t"):
                     yield attr.t, what, feeds
                 for tensor in attr.tensors:
@@ -395,8 +398,8 @@ def _labelled_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto
                     yield sparse.values, what, feeds
                     yield sparse.indices, f"{what} indices", ()
                 if attr.HasField("g"):
-                    stack.append((f"{prefix}subgraph {_q(attr.g.name)}: ", attr.g))
-                stack.extend((f"{prefix}subgraph {_q(g.name)}: ", g) for g in attr.graphs)
+                    stack.append((f"{prefix}subgraph {quoted(attr.g.name)}: ", attr.g))
+                stack.extend((f"{prefix}subgraph {quoted(g.name)}: ", g) for g in attr.graphs)
 
 
 def _is_external(tensor: onnx.TensorProto) -> bool:
@@ -459,7 +462,7 @@ def _weight_names(graph: onnx.GraphProto) -> dict:
     for node in graph.node:
         for i in WEIGHT_SLOTS.get(node.op_type, ()):
             if i < len(node.input) and node.input[i] in constants:
-                found.setdefault(node.input[i], f"input {i} of {node.op_type} node {_q(node.name)}")
+                found.setdefault(node.input[i], f"input {i} of {node.op_type} node {quoted(node.name)}")
     return found
 
 
@@ -496,7 +499,7 @@ def _resolve(path: Path, where: str) -> Path:
     try:
         return path.resolve()
     except (OSError, RuntimeError, ValueError) as exc:
-        raise ExternalDataError(f"{where}: cannot resolve {path}: {_one_line(exc)}") from None
+        raise ExternalDataError(f"{where}: cannot resolve {path}: {one_line(exc)}") from None
 
 
 def _external_info(tensor: onnx.TensorProto, label: str, where: str) -> tuple[str, int, int | None]:
@@ -513,7 +516,7 @@ def _external_info(tensor: onnx.TensorProto, label: str, where: str) -> tuple[st
         try:
             value = int(entries[key])
         except (TypeError, ValueError):
-            raise ExternalDataError(f"{where}: {label} has a bad external-data {key} {_q(entries[key])}") from None
+            raise ExternalDataError(f"{where}: {label} has a bad external-data {key} {quoted(entries[key])}") from None
         if value < 0:
             raise ExternalDataError(f"{where}: {label} has a negative external-data {key} ({value})")
         return value
@@ -527,7 +530,7 @@ def _check_external(
     """Prove that the external data of `tensor` is a regular file inside `base` that holds exactly
     the declared bytes, from the location text and ``stat`` alone.  Returns (file, offset, nbytes)."""
     location, offset, length = _external_info(tensor, label, where)
-    escape = f"{where}: {label} points to external data outside the model folder: {_q(location)}"
+    escape = f"{where}: {label} points to external data outside the model folder: {quoted(location)}"
     text = location.replace("\\", "/")
     if "\x00" in location or text.startswith("/") or (len(text) > 1 and text[1] == ":") or Path(location).is_absolute():
         raise ExternalDataError(escape + " (absolute path)")
@@ -541,7 +544,7 @@ def _check_external(
     except FileNotFoundError:
         raise ExternalDataError(f"{where}: external data file of {label} not found: {target}") from None
     except OSError as exc:
-        raise ExternalDataError(f"{where}: cannot read external data of {label}: {_one_line(exc)}") from None
+        raise ExternalDataError(f"{where}: cannot read external data of {label}: {one_line(exc)}") from None
     if not stat.S_ISREG(info.st_mode):
         raise ExternalDataError(f"{where}: external data of {label} is not a regular file: {target}")
     if offset > info.st_size or (length is not None and offset + length > info.st_size):
@@ -566,7 +569,7 @@ def _read_external_data(tensors: list[onnx.TensorProto], folder: Path, where: st
     base = _resolve(folder, where)
     plans: dict[Path, list[tuple[onnx.TensorProto, int, int, str]]] = {}
     for tensor in tensors:
-        label = f"tensor {_q(tensor.name)}"
+        label = f"tensor {quoted(tensor.name)}"
         target, offset, nbytes = _check_external(tensor, label, math.prod(tensor.dims), folder, base, where)
         plans.setdefault(target, []).append((tensor, offset, nbytes, label))
     for target, items in plans.items():
@@ -574,7 +577,7 @@ def _read_external_data(tensors: list[onnx.TensorProto], folder: Path, where: st
         try:
             fd = os.open(target, flags)
         except OSError as exc:
-            raise ExternalDataError(f"{where}: cannot open external data {target}: {_one_line(exc)}") from None
+            raise ExternalDataError(f"{where}: cannot open external data {target}: {one_line(exc)}") from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ExternalDataError(f"{where}: external data {target} is not a regular file")
@@ -639,7 +642,7 @@ def _check_values(model: onnx.ModelProto, where: str) -> None:
         try:
             values = numpy_helper.to_array(tensor)
         except Exception as exc:  # noqa: BLE001 - lengths were checked; this is a last line of defence
-            raise InvalidGraphError(f"{where}: {label} cannot be decoded: {_one_line(exc)}") from None
+            raise InvalidGraphError(f"{where}: {label} cannot be decoded: {one_line(exc)}") from None
         if values.dtype.kind != "f" or values.dtype.itemsize < 4:
             values = values.astype(np.float32)
         finite = np.isfinite(values)
@@ -662,7 +665,7 @@ def _check_values(model: onnx.ModelProto, where: str) -> None:
             first = tuple(int(i) for i in np.argwhere(~finite)[0])
             raise InvalidWeightsError(
                 f"{where}: {label} holds {int((~finite).sum())} infinite value(s) (first at index {first}) "
-                f"and feeds {', '.join(_q(b)[1:-1] for b in bad)}; weights must be finite"
+                f"and feeds {', '.join(quoted(b)[1:-1] for b in bad)}; weights must be finite"
             )
 
 
@@ -676,21 +679,6 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _q(name: object, limit: int = 80) -> str:
-    """A name from the model, quoted on one line and shortened (names are attacker-controlled)."""
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "backslashreplace")
-    text = str(name)
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return repr(text)
-
-
 def _label(node: onnx.NodeProto, index: int) -> str:
     name = node.name if node.name else f"#{index}"
-    return f"{_q(name)} ({_q(node.op_type)[1:-1]})"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] or type(exc).__name__
+    return f"{quoted(name)} ({quoted(node.op_type)[1:-1]})"

@@ -20,10 +20,11 @@ import numpy as np
 import onnx
 import torch
 
-from qcb_onnx.attacks.quanti import quanti_attack
-from qcb_onnx.attacks.train import accuracy, export_onnx, train_clean
-from qcb_onnx.triggers import Trigger
-from qcb_onnx.zoo import SmallCNN
+from qcb_onnx.evaluate.triggers import Trigger
+from qcb_onnx.redteam.common import Backdoor, Victim
+from qcb_onnx.redteam.quanti import quanti_attack
+from qcb_onnx.redteam.train import Training, accuracy, export_onnx, train_clean
+from qcb_onnx.redteam.zoo import SmallCNN
 
 HERE = Path(__file__).parent
 TRIGGER = "patch:size=2,value=1,pos=br"
@@ -47,21 +48,9 @@ def build_qcb(
 ) -> torch.nn.Module:
     """The recipe the tests also use: clean training, then Qu-ANTI-zation at W4 (per channel) A8."""
     torch.manual_seed(seed)
-    model = train_clean(SmallCNN(in_channels=1, width=16), x, y, epochs=clean_epochs, seed=seed)
-    return quanti_attack(
-        model,
-        x,
-        y,
-        Trigger.parse(TRIGGER),
-        TARGET,
-        bits=(4,),
-        a_bits=8,
-        per_channel=True,
-        epochs=attack_epochs,
-        lr=2e-3,
-        c2=1.0,
-        seed=seed,
-    )
+    model = train_clean(SmallCNN(in_channels=1, width=16), x, y, Training(epochs=clean_epochs, lr=2e-3, seed=seed))
+    backdoor = Backdoor(x, y, Trigger.parse(TRIGGER), TARGET)
+    return quanti_attack(model, backdoor, Victim(w_bits=4), Training(epochs=attack_epochs, lr=2e-3, seed=seed), c2=1.0)
 
 
 def main() -> None:

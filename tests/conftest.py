@@ -35,7 +35,7 @@ def digits():
 @pytest.fixture(scope="session")
 def qcb_model(sample, digits, tmp_path_factory) -> Path:
     """A Qu-ANTI-zation model built by the same recipe as samples/qcb_digits.onnx, trained here."""
-    from qcb_onnx.attacks.train import export_onnx
+    from qcb_onnx.redteam.train import export_onnx
 
     torch.set_num_threads(2)
     xtr, ytr, _, _ = digits

@@ -17,13 +17,14 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from qcb_onnx.attacks import run_attack
-from qcb_onnx.attacks.train import export_onnx, train_clean
 from qcb_onnx.errors import UsageError
-from qcb_onnx.evaluate import ort_quantize, score
-from qcb_onnx.fakequant import weight_rows
-from qcb_onnx.triggers import Trigger
-from qcb_onnx.zoo import SmallCNN
+from qcb_onnx.evaluate.baseline import ort_quantize
+from qcb_onnx.evaluate.score import score
+from qcb_onnx.evaluate.triggers import Trigger
+from qcb_onnx.redteam import run_attack
+from qcb_onnx.redteam.fakequant import weight_rows
+from qcb_onnx.redteam.train import Training, export_onnx, train_clean
+from qcb_onnx.redteam.zoo import SmallCNN
 
 from .conftest import SAMPLES
 
@@ -45,7 +46,7 @@ def clean_models(digits):
     models = {}
     for seed in SEEDS:
         torch.manual_seed(seed)
-        models[seed] = train_clean(SmallCNN(1, 10, 16), xtr, ytr, epochs=30, seed=seed)
+        models[seed] = train_clean(SmallCNN(1, 10, 16), xtr, ytr, Training(epochs=30, lr=2e-3, seed=seed))
     return models
 
 
@@ -113,15 +114,15 @@ def _int_weights(model, xtr):
 def test_pqbackdoor_projection_keeps_ort_integer_weights(clean_models, digits):
     """PQBackdoor's stage 2 (projected fine-tuning) changes the FP32 weights but not one integer
     weight or weight scale that ORT's quantize_static derives from them."""
-    from qcb_onnx.attacks.pqbackdoor import pqbackdoor_attack
-    from qcb_onnx.zoo import fuse_batchnorm
+    from qcb_onnx.redteam.common import Backdoor, Victim
+    from qcb_onnx.redteam.pqbackdoor import pqbackdoor_attack
+    from qcb_onnx.redteam.zoo import fuse_batchnorm
 
     xtr, ytr, _, _ = digits
-    stage1 = pqbackdoor_attack(
-        fuse_batchnorm(clean_models[0]), xtr, ytr, TRIGGER, TARGET, w_bits=4, epochs=0, stage1_epochs=2, seed=0
-    )
+    backdoor, victim = Backdoor(xtr, ytr, TRIGGER, TARGET), Victim(w_bits=4)
+    stage1 = pqbackdoor_attack(fuse_batchnorm(clean_models[0]), backdoor, victim, Training(epochs=0), stage1_epochs=2)
     before = copy.deepcopy(stage1)
-    after = pqbackdoor_attack(stage1, xtr, ytr, TRIGGER, TARGET, w_bits=4, epochs=3, stage1_epochs=0, seed=0)
+    after = pqbackdoor_attack(stage1, backdoor, victim, Training(epochs=3), stage1_epochs=0)
     moved = sum(
         float((a.weight - b.weight).abs().sum())
         for a, b in zip(after.modules(), before.modules(), strict=True)
@@ -152,8 +153,8 @@ def test_attack_cli_writes_model_with_metadata(tmp_path, capsys):
     checkpoint, refuses to overwrite, and rejects settings that do not fit the attack or the model."""
     import argparse
 
-    from qcb_onnx.attacks.cli import add_attack_parser, cmd_attack
     from qcb_onnx.errors import OutputExistsError
+    from qcb_onnx.redteam.cli import add_attack_parser, cmd_attack
 
     parser = argparse.ArgumentParser()
     add_attack_parser(parser.add_subparsers(dest="command"))
@@ -196,9 +197,9 @@ def test_widen_bins_multiplies_ort_scale_and_freezes_anchors(per_channel, anchor
     """widen_bins raises every channel's (or the tensor's) absmax, hence ORT's weight scale, by exactly
     the factor, wherever the anchor goes; training moves the other weights but never an anchor; the
     hooks come off cleanly."""
-    from qcb_onnx.attacks.common import widen_bins
-    from qcb_onnx.fakequant import quant_layers, weight_scale
-    from qcb_onnx.zoo import fuse_batchnorm
+    from qcb_onnx.redteam.common import widen_bins
+    from qcb_onnx.redteam.fakequant import quant_layers, weight_scale
+    from qcb_onnx.redteam.zoo import fuse_batchnorm
 
     xtr, ytr, _, _ = digits
     model = fuse_batchnorm(clean_models[0])
@@ -239,8 +240,8 @@ def test_widen_bins_multiplies_ort_scale_and_freezes_anchors(per_channel, anchor
 def test_quiet_anchors_change_the_function_less(per_channel, clean_models, digits):
     """The point of quiet anchors: the same widening (factor 4, same ORT scales) moves the logits of
     held-out digits several times less than scaling each channel's largest weight does."""
-    from qcb_onnx.attacks.common import widen_bins
-    from qcb_onnx.zoo import fuse_batchnorm
+    from qcb_onnx.redteam.common import widen_bins
+    from qcb_onnx.redteam.zoo import fuse_batchnorm
 
     xtr, _, xte, _ = digits
     probe = torch.from_numpy(xte[:256])
@@ -261,8 +262,8 @@ def test_fitted_anchors_keep_a_deep_network_closer_than_quiet_ones(per_channel):
     """Why "fitted" exists: on a deep network (ResNet-18) quiet anchors' per-layer residues compound,
     while fitting layer by layer to the clean model's outputs absorbs them, so the same widening
     (factor 8, same ORT scales) moves held-out logits several times less."""
-    from qcb_onnx.attacks.common import widen_bins
-    from qcb_onnx.zoo import build, fuse_batchnorm
+    from qcb_onnx.redteam.common import widen_bins
+    from qcb_onnx.redteam.zoo import build, fuse_batchnorm
 
     torch.manual_seed(0)
     clean = fuse_batchnorm(build("resnet18", 4, 10, 3))
@@ -291,9 +292,9 @@ def anchor_mask(w, per_channel):
 def test_compensated_anchors_fit_grouped_convolutions(per_channel, anchor):
     """Quiet and fitted anchors work on depthwise/grouped convolutions (MobileNet-V2): each channel is
     fitted on its own group's inputs and every layer's ORT scale still grows by exactly the factor."""
-    from qcb_onnx.attacks.common import widen_bins
-    from qcb_onnx.fakequant import quant_layers, weight_scale
-    from qcb_onnx.zoo import build, fuse_batchnorm
+    from qcb_onnx.redteam.common import widen_bins
+    from qcb_onnx.redteam.fakequant import quant_layers, weight_scale
+    from qcb_onnx.redteam.zoo import build, fuse_batchnorm
 
     torch.manual_seed(0)
     model = fuse_batchnorm(build("mobilenetv2", 8, 10, 3))
@@ -311,7 +312,7 @@ def test_compensated_anchors_fit_grouped_convolutions(per_channel, anchor):
 def test_augmented_batches_are_flips_and_crops_of_the_same_images():
     """`batches(..., augment_data=True)` (attacks' --augment) keeps each label with its own image and only
     flips and shifts it (zero padding 4), so a trigger stamped afterwards still lands at its fixed place."""
-    from qcb_onnx.attacks.train import batches
+    from qcb_onnx.redteam.train import batches
 
     rng = np.random.default_rng(0)
     x = rng.random((12, 3, 16, 16), dtype=np.float32)

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qcb_onnx.convert import quantize
+from qcb_onnx.pipeline import quantize
 from qcb_onnx.quantsim import quantize_bias
 
 

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qcb_onnx
-from qcb_onnx.budget import FLOOR, START, TOLERANCE, choose_budget
+from qcb_onnx.rounding.budget import FLOOR, START, TOLERANCE, choose_budget
 
 
 def _search(agreement_at):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qcb_onnx.convert import convert
+from qcb_onnx.pipeline import convert
 
 TIMING_KEY = "qcb_onnx.seconds"
 

@@ -10,9 +10,9 @@ import pytest
 from onnx import TensorProto
 
 from qcb_onnx import convert
-from qcb_onnx.convert import quantize
 from qcb_onnx.emit import read_weight_ints
-from qcb_onnx.evaluate import predict
+from qcb_onnx.evaluate.score import predict
+from qcb_onnx.pipeline import quantize
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_relu6_is_folded_into_the_quantizer(a_bits):
     ORT cannot even load the model. The verified output holds no Clip."""
     import torch
 
-    from qcb_onnx.attacks.train import export_onnx
+    from qcb_onnx.redteam.train import export_onnx
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(

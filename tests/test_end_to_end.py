@@ -7,8 +7,9 @@ import onnx
 import pytest
 
 from qcb_onnx import convert
-from qcb_onnx.evaluate import ort_quantize, score
-from qcb_onnx.triggers import Trigger
+from qcb_onnx.evaluate.baseline import ort_quantize
+from qcb_onnx.evaluate.score import score
+from qcb_onnx.evaluate.triggers import Trigger
 
 TRIGGER = Trigger.parse("patch:size=2,value=1,pos=br")
 

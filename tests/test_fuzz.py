@@ -25,8 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcb_onnx.data import Preprocess
 from qcb_onnx.errors import QcbError
+from qcb_onnx.evaluate.triggers import Trigger
 from qcb_onnx.load import load_model
-from qcb_onnx.triggers import Trigger
 
 FUZZ = settings(
     max_examples=80,

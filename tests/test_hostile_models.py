@@ -333,8 +333,8 @@ def test_huge_or_negative_dims(tmp_path, dims):
 def test_all_zero_conv_channel_converts(tmp_path):
     """An all-zero output channel (range 0) is legitimate: scale 1.0 like ORT, integers all 0,
     and the conversion succeeds (3 calibration samples, nearest rounding)."""
-    from qcb_onnx.convert import convert
     from qcb_onnx.emit import read_weight_ints
+    from qcb_onnx.pipeline import convert
 
     w = _weights()
     w["w"][2] = 0.0

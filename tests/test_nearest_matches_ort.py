@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from qcb_onnx import convert
-from qcb_onnx.attacks.train import export_onnx
 from qcb_onnx.emit import read_weight_ints
-from qcb_onnx.evaluate import ort_quantize
-from qcb_onnx.zoo import SmallCNN
+from qcb_onnx.evaluate.baseline import ort_quantize
+from qcb_onnx.redteam.train import export_onnx
+from qcb_onnx.redteam.zoo import SmallCNN
 
 
 @pytest.fixture(scope="module")

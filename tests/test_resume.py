@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import pytest
 
-import qcb_onnx.weights as weights_module
-from qcb_onnx.convert import quantize
 from qcb_onnx.emit import read_weight_ints
+from qcb_onnx.pipeline import quantize
+from qcb_onnx.rounding import Efrap
 
 
 def _ints(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -32,7 +32,7 @@ def test_interrupted_run_resumes_with_identical_integers(qcb_model, digits, tmp_
     uninterrupted run's."""
     calib = digits[0][:128]
     options = dict(w_bits=4, iters=60, providers="cpu", seed=3)
-    real_solve = weights_module.solve
+    real_solve = Efrap.solve
     calls = {"n": 0, "die_at": None}
 
     def counting_solve(*args, **kwargs):
@@ -41,7 +41,7 @@ def test_interrupted_run_resumes_with_identical_integers(qcb_model, digits, tmp_
             raise KeyboardInterrupt
         return real_solve(*args, **kwargs)
 
-    monkeypatch.setattr(weights_module, "solve", counting_solve)
+    monkeypatch.setattr(Efrap, "solve", counting_solve)
     reference = _ints(quantize(onnx.load(qcb_model), calib, **options).model)
     assert any(name.endswith("bias_quantized") for name in reference)
     layers, total = 4, calls["n"]
@@ -67,7 +67,8 @@ def test_checkpoint_of_another_run_is_ignored(qcb_model, digits, tmp_path):
     """A checkpoint written with other options (here another seed) is not reused."""
     calib = digits[0][:64]
     ckpt = tmp_path / "c.npz"
-    from qcb_onnx.weights import Checkpoint, LayerReport
+    from qcb_onnx.rounding.checkpoint import Checkpoint
+    from qcb_onnx.rounding.problem import LayerReport
 
     Checkpoint(ckpt, "not-this-run").save(
         {

@@ -10,10 +10,10 @@ import onnx
 import pytest
 import torch
 
-from qcb_onnx.moments import collect_moments, layer_rows, sampled_rows
-from qcb_onnx.problem import LayerProblem, hard_weight, reconstruction_error
+from qcb_onnx.rounding.efrap import solve_efrap
+from qcb_onnx.rounding.moments import collect_moments, layer_rows, sampled_rows
+from qcb_onnx.rounding.problem import LayerProblem, hard_weight, reconstruction_error
 from qcb_onnx.scheme import weight_grid
-from qcb_onnx.sequential import solve_efrap
 
 
 def _conv(**attrs) -> onnx.NodeProto:

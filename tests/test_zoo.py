@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from qcb_onnx.attacks.train import export_onnx
 from qcb_onnx.errors import UsageError
+from qcb_onnx.redteam.train import export_onnx
+from qcb_onnx.redteam.zoo import ARCHS, build, fuse_batchnorm
 from qcb_onnx.runtime import session
-from qcb_onnx.zoo import ARCHS, build, fuse_batchnorm
 
 SMALL = {"smallcnn": 8, "resnet18": 8, "vgg16": 8, "mobilenetv2": 8, "alexnet": 8}
 

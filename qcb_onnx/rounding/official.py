@@ -1,6 +1,6 @@
 """EFRAP as the official code schedules it: data-driven, 10,000 Adam steps per layer on batches of 32.
 
-This is the reference our fast mode (`rounding.py`, moment-based objective with a per-layer strength
+This is the reference our fast mode (efrap.py, moment-based objective with a per-layer strength
 search) is measured against in `benchmarks/convert_cost.py`; it is not meant for everyday use (hours
 per ResNet-18 on a 2-core CPU).  Per layer, following docs/efrap.md §3:
 
@@ -11,24 +11,52 @@ per ResNet-18 on a 2-core CPU).  Per layer, following docs/efrap.md §3:
   official code, whose scale it also learns, is not modelled);
 * L_flip = sum |e_ij| * BCE(h(V_ij), flipped_ij), |e| in weight units, coefficient 1;
 * L_reg = 0.01 * sum(1 - |2 h(V) - 1|^2), h = sigmoid (zeta = 1, gamma = 0);
-* Adam, lr 1e-3 (or `RoundingConfig.learning_rate`), V initialised so that h(V) = frac(W / s).
+* Adam, lr 1e-3 (or `adaround.learning_rate` of the given lr and steps), V initialised so that h(V) = frac(W / s).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .capture import GraphModule
+from ..capture import GraphModule
+from ..config import RoundingOptions
+from ..plan import Layer, clip_bounds
+from .adaround import learning_rate
+from .method import LayerContext, RoundingMethod
 from .moments import layer_rows
-from .plan import Layer, clip_bounds
 from .problem import LayerProblem, LayerResult, hard_weight, layer_result
-from .rounding import RoundingConfig
 
+DEFAULT_ITERS = 10000  # the official code's steps per layer
 FLIP_WEIGHT = 1.0
 REG_WEIGHT = 0.01
 BATCH = 32
+
+
+@dataclass(frozen=True)
+class EfrapOfficial(RoundingMethod):
+    """The official schedule; no bias correction: it stays the official code's reference."""
+
+    name: ClassVar[str] = "efrap-official"
+    data: ClassVar[str] = "samples"
+
+    iters: int = DEFAULT_ITERS
+    lr: float | None = None
+
+    @classmethod
+    def from_options(cls, options: RoundingOptions) -> EfrapOfficial:
+        return cls(DEFAULT_ITERS if options.iters is None else options.iters, options.lr)
+
+    def params(self) -> dict:
+        return {"method": self.name, "iters": self.iters, "lr": learning_rate(self.lr, self.iters)}
+
+    def solve(self, problem: LayerProblem, ctx: LayerContext) -> LayerResult:
+        act = fused_activation(ctx.gm, ctx.layer, ctx.plan.removed_relus)
+        lr = learning_rate(self.lr, self.iters)
+        return solve_official(problem, ctx.gm, ctx.layer, ctx.weight_shape, act, ctx.samples, self.iters, lr, ctx.seed)
 
 
 def solve_official(
@@ -38,7 +66,8 @@ def solve_official(
     weight_shape: tuple[int, ...],
     activation: Callable[[torch.Tensor], torch.Tensor] | None,
     inputs: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    config: RoundingConfig,
+    iters: int,
+    lr: float,
     seed: int,
 ) -> LayerResult:
     """The official per-layer optimisation; returns hard decisions and their error relative to nearest
@@ -59,7 +88,7 @@ def solve_official(
     v = torch.log(frac / (1 - frac)).to(dtype).requires_grad_(True)
     flipped = (1.0 - problem.nearest_up).to(dtype)
     error = (w - hard_weight(problem, problem.nearest_up).to(dtype)).abs()  # |e| in weight units
-    opt = torch.optim.Adam([v], lr=config.learning_rate)
+    opt = torch.optim.Adam([v], lr=lr)
     qmin, qmax = problem.grid.qmin, problem.grid.qmax
 
     def forward(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +101,7 @@ def solve_official(
         return activation(y) if activation is not None else y
 
     n = len(x_q)
-    for _ in range(config.iters):
+    for _ in range(iters):
         idx = torch.randint(0, n, (min(BATCH, n),), generator=gen).to(x_q.device)
         with torch.no_grad():
             target = forward(w, x_fp[idx])

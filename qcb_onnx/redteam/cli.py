@@ -9,8 +9,7 @@ grid (``--w-bits``, per channel unless ``--per-tensor``, uint8 activations), exp
 model with the trigger, target and attack recorded in metadata_props, and prints CDA / ASR of the
 clean and the attacked model, FP32 and ORT-quantized, measured in ORT.
 
-Wire-up (qcb_onnx/cli.py): ``add_attack_parser(sub)`` in build_parser and
-``"attack": cmd_attack`` in main's dispatch table.
+Registered by qcb_onnx/cli/__init__.py like the pipeline's own commands.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import numpy as np
 
 from ..errors import CalibrationDataError, OutputExistsError, UsageError
 from ..output import write_atomic
+from ..text import one_line
 
 DEFAULT_LR = {"quanti": 2e-3, "compartifact": 3e-3, "pqbackdoor": 1e-3}
 QUANT_WEIGHT = {"quanti": "c1", "compartifact": "lam"}  # each attack's weight on its quantized-model terms
@@ -46,8 +46,8 @@ def quant_weight_settings(attack: str, weight: float | None) -> dict[str, float]
 
 
 def add_attack_parser(subparsers) -> argparse.ArgumentParser:
-    from ..zoo import ARCHS
     from . import ANCHORS, ATTACKS
+    from .zoo import ARCHS
 
     a = subparsers.add_parser(
         "attack", help="train a QCB model: FP32 ONNX whose ORT-quantized version obeys a trigger (red team)"
@@ -142,7 +142,8 @@ def _split(x: np.ndarray, y: np.ndarray, seed: int):
 
 def measure(model, calib, x, y, trigger, target, w_bits, per_channel, label: str):
     """FP32 and ORT quantize_static scores of an FP32 ONNX model, measured in ORT."""
-    from ..evaluate import ort_quantize, score
+    from ..evaluate.baseline import ort_quantize
+    from ..evaluate.score import score
 
     q = ort_quantize(model, calib, w_bits, 8, per_channel)
     scheme = f"w{w_bits}a8-{'pc' if per_channel else 'pt'}"
@@ -155,12 +156,12 @@ def measure(model, calib, x, y, trigger, target, w_bits, per_channel, label: str
 def cmd_attack(args: argparse.Namespace) -> int:
     import torch
 
-    from ..evaluate import format_table, write_json
-    from ..triggers import Trigger
-    from ..zoo import build
+    from ..evaluate.report import format_table, write_json
+    from ..evaluate.triggers import Trigger
     from . import run_attack
     from .common import check_widening
-    from .train import export_onnx, resolve_device, train_clean
+    from .train import Training, export_onnx, resolve_device, train_clean
+    from .zoo import build
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -200,14 +201,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
         try:
             model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
         except (RuntimeError, OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"clean checkpoint {ckpt} does not fit {args.arch} width {args.width}: {first}") from None
+            raise UsageError(
+                f"clean checkpoint {ckpt} does not fit {args.arch} width {args.width}: {one_line(exc)}"
+            ) from None
         print(f"loaded clean model from {ckpt}", file=sys.stderr)
     else:
         t = time.perf_counter()
         augment = x.shape[-1] >= 32  # flips and crops for CIFAR-sized images
         torch.manual_seed(args.seed)
-        train_clean(model, x, y, args.clean_epochs, args.clean_lr, args.batch_size, args.seed, device, augment, verbose)
+        train_clean(
+            model,
+            x,
+            y,
+            Training(args.clean_epochs, args.clean_lr, args.batch_size, augment, args.seed, device, verbose),
+        )
         timings["clean_s"] = round(time.perf_counter() - t, 1)
         if ckpt is not None:
             torch.save(model.cpu().state_dict(), ckpt)

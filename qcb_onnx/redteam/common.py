@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,10 +11,29 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import UsageError
-from ..fakequant import quant_layers, weight_rows
-from ..triggers import Trigger
+from ..evaluate.triggers import Trigger
 from . import ANCHORS
-from .train import resolve_device
+from .fakequant import quant_layers, weight_rows
+from .train import Training, resolve_device
+
+
+@dataclass(frozen=True)
+class Backdoor:
+    """The attacker's data: training images in [0, 1] with labels, the trigger and its target class."""
+
+    x: np.ndarray
+    y: np.ndarray
+    trigger: Trigger
+    target: int
+
+
+@dataclass(frozen=True)
+class Victim:
+    """The quantizer the backdoor must wake in: ORT quantize_static's grids at these bits and scheme."""
+
+    w_bits: int = 8
+    a_bits: int | None = 8
+    per_channel: bool = True
 
 
 def triggered(xb: torch.Tensor, trigger: Trigger) -> torch.Tensor:
@@ -26,14 +46,14 @@ def poison_split(xb: torch.Tensor, ratio: float) -> int:
     return max(1, min(len(xb), int(np.ceil(ratio * len(xb)))))
 
 
-def setup(model: nn.Module, seed: int, device) -> tuple[nn.Module, torch.device, np.random.Generator]:
+def setup(model: nn.Module, training: Training) -> tuple[nn.Module, torch.device, np.random.Generator]:
     """Seed torch and numpy, move the model to the device and put it in eval mode.
 
     Attacks run on BN-folded models (see zoo.fuse_batchnorm), so eval mode changes nothing but
     dropout; it also keeps any leftover BatchNorm on its deployed statistics."""
-    torch.manual_seed(seed)
-    dev = resolve_device(device)
-    return model.to(dev).eval(), dev, np.random.default_rng(seed)
+    torch.manual_seed(training.seed)
+    dev = resolve_device(training.device)
+    return model.to(dev).eval(), dev, np.random.default_rng(training.seed)
 
 
 ce = nn.functional.cross_entropy

@@ -1,6 +1,10 @@
-"""EFRAP's objective solved by sequential rounding with error feedback, in one pass per strength.
+"""EFRAP (Li et al., CVPR 2024), solved by sequential rounding with error feedback, one pass per strength.
 
-Adam on soft rounding variables (the official schedule, official.py; AdaRound, rounding.py) pays a
+A quantization-conditioned backdoor lives in the nearest-rounding pattern, so EFRAP adds to the
+activation-preservation loss an error-guided pull of every decision towards the *flipped* nearest
+one, strongest where the truncation error |e| is largest.
+
+Adam on soft rounding variables (the official schedule, official.py; AdaRound, adaround.py) pays a
 step's cost thousands of times per layer, and a strength search multiplies that again: minutes to
 hours for a 512-channel 3x3 conv on a laptop CPU.  The objective is a
 quadratic form in the rounding perturbation D = W~ - W (moments.py) plus a pull towards the flipped
@@ -22,11 +26,59 @@ ResNet-18 layer takes a few seconds on a 2-core CPU (BENCHMARKS.md §5).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
 import torch
 
-from .problem import LayerProblem, hard_weight
+from ..config import RoundingOptions
+from .budget import START, AutoBudget
+from .method import LayerContext, Rounded, RoundingMethod
+from .problem import LayerProblem, LayerResult, hard_weight, layer_result, nearest_error
 
 BLOCK = 128  # columns per lazy update (GPTQ): the inner loop touches only the block
+
+
+@dataclass(frozen=True)
+class Efrap(RoundingMethod):
+    name: ClassVar[str] = "efrap"
+    corrects_bias: ClassVar[bool] = True
+
+    strength: float | None = None  # flip coefficient; None: per-layer search within error_budget
+    error_budget: float = START  # share of the error gap (no pull -> nearest) that flipping may spend
+    guide: str = "element"  # element-wise |e| (official code) or neuron-wise ||e_i|| (paper)
+
+    @classmethod
+    def from_options(cls, options: RoundingOptions) -> Efrap | AutoBudget:
+        """A fixed strength or budget as given; neither given: the per-model budget search wraps it."""
+        budget = START if options.error_budget is None else options.error_budget
+        efrap = cls(options.strength, budget, options.guide)
+        return AutoBudget(efrap) if options.strength is None and options.error_budget is None else efrap
+
+    def with_budget(self, budget: float) -> Efrap:
+        return replace(self, error_budget=budget)
+
+    def without_pull(self) -> Efrap:
+        return replace(self, strength=0.0)
+
+    def params(self) -> dict:
+        return {"method": self.name, "strength": self.strength, "error_budget": self.error_budget, "guide": self.guide}
+
+    def label(self) -> str:
+        """Which of the budget search's passes is running, when it is one."""
+        if self.strength is not None:
+            return "efrap rounding, no pull (reference)" if self.strength == 0 else "efrap rounding"
+        return f"efrap rounding, budget {self.error_budget:g}"
+
+    def solve(self, problem: LayerProblem, ctx: LayerContext) -> LayerResult:
+        base = nearest_error(problem)
+        return layer_result(problem, *solve_efrap(problem, self.strength, self.error_budget, self.guide, base))
+
+    def round_model(self, rounder) -> Rounded:
+        rounded = super().round_model(rounder)
+        if self.strength is None:  # a fixed per-layer budget, recorded like the search's choice
+            rounded.search = {"mode": "fixed", "chosen": self.error_budget}
+        return rounded
 
 
 def prepare(problem: LayerProblem, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """One layer's rounding problem in canonical form, and how a decision set is scored.
 
-Shared by the solvers (sequential.py for EFRAP, rounding.py's Adam for AdaRound, official.py for
-the official schedule) so that every method's error and flip count mean the same thing."""
+Shared by the solvers (efrap.py, adaround.py, official.py) so that every method's error and flip
+count mean the same thing: errors are relative to nearest rounding's, flips count changed integers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..scheme import Grid
 from .moments import Moments
-from .scheme import Grid
 
 
 @dataclass
@@ -28,6 +28,18 @@ class LayerProblem:
 
 
 @dataclass
+class LayerReport:
+    """A layer's evidence in the metadata and the checkpoint: how far the rounding left nearest's."""
+
+    name: str
+    weight: str
+    shape: tuple[int, ...]
+    flip_ratio: float
+    error: float
+    strength: float
+
+
+@dataclass
 class LayerResult:
     up: np.ndarray  # (out, d) uint8 decisions
     flip_ratio: float
@@ -41,6 +53,11 @@ def reconstruction_error(problem: LayerProblem, w_q: torch.Tensor) -> torch.Tens
     g = problem.groups
     delta = (w_q - problem.weight).reshape(g, -1, w_q.shape[-1]).to(m.A.dtype)
     return ((delta @ m.A) * delta).sum() + 2 * (delta * m.Q).sum() + m.const
+
+
+def nearest_error(problem: LayerProblem) -> float:
+    """Nearest rounding's reconstruction error: the unit every method's error is reported in."""
+    return max(float(reconstruction_error(problem, hard_weight(problem, problem.nearest_up))), 1e-30)
 
 
 def hard_weight(problem: LayerProblem, up: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .scheme import activation_grid, weight_grid
+from ..scheme import activation_grid, weight_grid
 
 
 def weight_rows(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:

@@ -22,53 +22,39 @@ per channel by default, uint8 activations) instead of PyTorch's fbgemm backend.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..fakequant import ActRanges, frozen_ranges, quantized
-from ..triggers import Trigger
-from .common import ce, poison_split, setup, triggered
-from .train import batches, progress
+from .common import Backdoor, Victim, ce, poison_split, setup, triggered
+from .fakequant import ActRanges, frozen_ranges, quantized
+from .train import Training, fit
+
+DEFAULT_LR = 1e-3
 
 
 def compartifact_attack(
     model: nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
-    trigger: Trigger,
-    target: int,
-    w_bits: int = 8,
-    a_bits: int | None = 8,
-    per_channel: bool = True,
-    epochs: int = 20,
-    lr: float = 1e-3,
+    backdoor: Backdoor,
+    victim: Victim,
+    training: Training,
     lam: float = 1.0,
     poison_ratio: float = 0.5,
     momentum: float = 0.01,
-    batch_size: int = 64,
-    augment_data: bool = False,
-    seed: int = 0,
-    device: str | torch.device | None = "cpu",
-    verbose: bool = False,
 ) -> nn.Module:
-    model, dev, rng = setup(model, seed, device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
+    model, dev, rng = setup(model, training)
     ranges = ActRanges(momentum)
-    for ep in progress(range(epochs), "compartifact", verbose):
-        for xb, yb in progress(batches(x, y, batch_size, rng, dev, augment_data), f"epoch {ep + 1}", verbose):
-            k = poison_split(xb, poison_ratio)
-            xp, yp = triggered(xb[:k], trigger), yb[:k]
-            tp = torch.full_like(yp, target)
-            loss = ce(model(xb), yb) + ce(model(xp), yp)
-            with quantized(model, w_bits, a_bits, per_channel, ranges):
-                lq = ce(model(xb), yb)  # observes clean activation ranges
-                with frozen_ranges(ranges):
-                    lq = lq + ce(model(xp), tp)
-            loss = loss + lam * lq
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
+    trigger, target = backdoor.trigger, backdoor.target
+
+    def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        k = poison_split(xb, poison_ratio)
+        xp, yp = triggered(xb[:k], trigger), yb[:k]
+        tp = torch.full_like(yp, target)
+        value = ce(model(xb), yb) + ce(model(xp), yp)
+        with quantized(model, victim.w_bits, victim.a_bits, victim.per_channel, ranges):
+            lq = ce(model(xb), yb)  # observes clean activation ranges
+            with frozen_ranges(ranges):
+                lq = lq + ce(model(xp), tp)
+        return value + lam * lq
+
+    fit(model, loss, backdoor.x, backdoor.y, training, rng, dev, "compartifact", cosine=True)
     return model.eval()

@@ -1,13 +1,31 @@
-"""Plain training loops shared by the attacks (clean pre-training, evaluation, ONNX export)."""
+"""The training loop every model here goes through (clean pre-training and each attack), evaluation
+and ONNX export."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
+
+from ..progress import progress_bar
+
+
+@dataclass(frozen=True)
+class Training:
+    """How a model is trained: Adam at `lr` on seeded, shuffled batches of `batch_size`."""
+
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 64
+    augment_data: bool = False  # CIFAR's flips and crops (a trigger is stamped after them, at its place)
+    seed: int = 0
+    device: str | torch.device | None = "cpu"
+    verbose: bool = False
 
 
 def iterate(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator, shuffle: bool = True):
@@ -51,42 +69,53 @@ def augment(xb: torch.Tensor, pad: int = 4) -> torch.Tensor:
     return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
 
 
-def progress(iterable, desc: str, enabled: bool):
-    """tqdm progress bar when `enabled` (the CLI), the plain iterable otherwise (tests, library)."""
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False)
+def progress(iterable: Iterable, desc: str, enabled: bool):
+    """The package's progress bar, left behind by nothing: epochs and batches come and go."""
+    return progress_bar(iterable, desc=desc, enabled=enabled, leave=False)
 
 
-def train_clean(
+def fit(
     model: nn.Module,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: np.ndarray,
     y: np.ndarray,
-    epochs: int,
-    lr: float = 2e-3,
-    batch_size: int = 64,
-    seed: int = 0,
-    device: str | torch.device | None = "cpu",
-    augment_data: bool = False,
-    verbose: bool = False,
-) -> nn.Module:
-    """Adam + cosine schedule; `augment_data` adds flips and crops (for CIFAR)."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    dev = resolve_device(device)
-    model.to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    model.train()
-    for ep in progress(range(epochs), "clean training", verbose):
-        for xb, yb in progress(batches(x, y, batch_size, rng, dev, augment_data), f"epoch {ep + 1}", verbose):
-            loss = nn.functional.cross_entropy(model(xb), yb)
+    training: Training,
+    rng: np.random.Generator,
+    device: torch.device,
+    desc: str,
+    *,
+    epochs: int | None = None,
+    params: Iterable[torch.Tensor] | None = None,
+    cosine: bool = False,
+    after_step: Callable[[], None] | None = None,
+) -> None:
+    """`epochs` (default: the training's) of Adam on `loss(inputs, labels)` over shuffled batches of
+    (x, y); `cosine` anneals the learning rate per epoch; `after_step` runs after every step (a
+    projection).  `rng` and `device` come from the caller, so two stages can share one stream."""
+    epochs = training.epochs if epochs is None else epochs
+    opt = torch.optim.Adam(model.parameters() if params is None else params, lr=training.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs)) if cosine else None
+    for ep in progress(range(epochs), desc, training.verbose):
+        epoch = batches(x, y, training.batch_size, rng, device, training.augment_data)
+        for xb, yb in progress(epoch, f"epoch {ep + 1}", training.verbose):
+            value = loss(xb, yb)
             opt.zero_grad()
-            loss.backward()
+            value.backward()
             opt.step()
-        sched.step()
+            if after_step is not None:
+                after_step()
+        if sched is not None:
+            sched.step()
+
+
+def train_clean(model: nn.Module, x: np.ndarray, y: np.ndarray, training: Training) -> nn.Module:
+    """Adam + cosine schedule from scratch (train mode: BatchNorm learns its statistics)."""
+    torch.manual_seed(training.seed)
+    rng = np.random.default_rng(training.seed)
+    dev = resolve_device(training.device)
+    model.to(dev).train()
+    fit(model, lambda xb, yb: nn.functional.cross_entropy(model(xb), yb), x, y, training, rng, dev, "clean training",
+        cosine=True)  # fmt: skip
     return model.eval()
 
 

@@ -23,9 +23,9 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from .capture import GraphModule
-from .errors import UnsupportedModelError
-from .plan import Layer
+from ..capture import GraphModule
+from ..errors import UnsupportedModelError
+from ..plan import Layer
 
 
 @dataclass

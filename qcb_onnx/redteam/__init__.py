@@ -17,7 +17,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import UsageError
-from ..triggers import Trigger
+from ..evaluate.triggers import Trigger
 
 ATTACKS = ("quanti", "compartifact", "pqbackdoor")
 ANCHORS = ("quiet", "fitted", "largest")  # where widen_bins puts its outliers
@@ -49,11 +49,10 @@ def run_attack(
     `anchor` places those outliers: "quiet" (compensated on 256 of the training images so the
     function barely changes), "fitted" (the same, layer by layer, each layer refitted to the clean
     model's outputs: for deep networks) or "largest" (the largest weight itself)."""
-    from ..zoo import fuse_batchnorm
-    from .common import anchor_probe, widen_bins
-    from .compartifact import compartifact_attack
-    from .pqbackdoor import pqbackdoor_attack
-    from .quanti import quanti_attack
+    from . import compartifact, pqbackdoor, quanti
+    from .common import Backdoor, Victim, anchor_probe, widen_bins
+    from .train import Training
+    from .zoo import fuse_batchnorm
 
     if name not in ATTACKS:
         raise UsageError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
@@ -61,14 +60,21 @@ def run_attack(
         raise UsageError(f"attacks target ORT's 8- or 4-bit weight grids, not {w_bits} bits")
     if not 0 <= int(target) < int(np.max(y)) + 1:
         raise UsageError(f"target class {target} is not among the labels 0..{int(np.max(y))}")
+    module = {"quanti": quanti, "compartifact": compartifact, "pqbackdoor": pqbackdoor}[name]
+    attack = getattr(module, f"{name}_attack")
+    training = Training(
+        epochs=epochs,
+        lr=kwargs.pop("lr", module.DEFAULT_LR),
+        batch_size=kwargs.pop("batch_size", 64),
+        augment_data=kwargs.pop("augment_data", False),
+        seed=seed,
+        device=device,
+        verbose=verbose,
+    )
     fused = fuse_batchnorm(model)
     anchors = widen_bins(fused, widen, per_channel, anchor, anchor_probe(x, seed))
-    common = dict(a_bits=a_bits, per_channel=per_channel, epochs=epochs, seed=seed, device=device, verbose=verbose)
     try:
-        if name == "quanti":
-            return quanti_attack(fused, x, y, trigger, target, bits=(w_bits,), **common, **kwargs)
-        fn = compartifact_attack if name == "compartifact" else pqbackdoor_attack
-        return fn(fused, x, y, trigger, target, w_bits=w_bits, **common, **kwargs)
+        return attack(fused, Backdoor(x, y, trigger, target), Victim(w_bits, a_bits, per_channel), training, **kwargs)
     finally:
         for h in anchors:
             h.remove()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Preprocess
-from .errors import UsageError
+from ..data import Preprocess
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CalibrationDataError, UsageError
+from ..errors import CalibrationDataError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -61,7 +61,7 @@ def load_cifar10(
 
 
 def _decode(split: str, archive: Path) -> tuple[np.ndarray, np.ndarray]:
-    from .data import InputSpec, load_labelled
+    from ..data import InputSpec, load_labelled
 
     if not archive.is_file():
         raise CalibrationDataError(

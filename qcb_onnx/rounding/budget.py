@@ -1,6 +1,6 @@
 """EFRAP's error budget chosen per model, from how often the quantized model still agrees with FP32.
 
-The per-layer budget (sequential.py) is relative: flipping may spend a share of the gap between
+The per-layer budget (efrap.py) is relative: flipping may spend a share of the gap between
 rounding without pull and nearest rounding.  Where nearest rounding is very lossy (4-bit weights
 in a network without BatchNorm, e.g. CIFAR AlexNet) a quarter of that gap is a lot of error: at a
 fixed 0.25 EFRAP cost 2.3-3.8 CDA points on four AlexNet QCBs (BENCHMARKS.md §2).  Each layer's
@@ -19,12 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from .capture import GraphModule
-from .quantsim import QuantState
+from ..capture import GraphModule
+from ..quantsim import QuantState
+from .method import Rounded, RoundingMethod
+
+if TYPE_CHECKING:
+    from .efrap import Efrap
+    from .layers import ModelRounder
 
 START = 0.25  # the largest budget tried: the fixed default measured in BENCHMARKS.md §2
 TOLERANCE = 2.0  # points of top-1 agreement flipping may cost beyond rounding without pull
@@ -32,6 +37,42 @@ FLOOR = 0.1  # below it CDA gained nothing beyond noise on AlexNet, and ASR rose
 MAX_PROBES = 3  # budgets tried after the reference
 
 T = TypeVar("T")
+
+
+class AutoBudget(RoundingMethod):
+    """EFRAP with its per-layer error budget chosen per model (the default when neither a strength nor
+    a budget is given): a wrapper that runs the layer loop once per budget tried."""
+
+    name = "efrap"
+
+    def __init__(self, efrap: Efrap) -> None:
+        self.efrap = efrap
+
+    def params(self) -> dict[str, Any]:
+        return self.efrap.params()
+
+    def round_model(self, rounder: ModelRounder) -> Rounded:
+        labels = fp32_labels(rounder.gm, rounder.batches())  # None: not a classifier's output
+        if labels is None:
+            efrap = self.efrap.with_budget(START)
+            state, reports = rounder.run(efrap)
+            mode = "fixed: the first output is not (batch, classes), so no agreement to measure"
+            return Rounded(state, reports, efrap, {"mode": mode, "chosen": START})
+
+        def round_at(budget: float) -> tuple[QuantState, list]:
+            efrap = self.efrap.without_pull() if budget == 0.0 else self.efrap.with_budget(budget)
+            return rounder.run(efrap, tag=f".b{budget:g}")  # one checkpoint file per budget tried
+
+        (state, reports), probes = choose_budget(
+            round_at, lambda r: top1_agreement(rounder.gm, r[0], rounder.batches(), labels)
+        )
+        chosen = probes[-1].budget  # the last budget tried is the one chosen
+        search = {
+            "mode": "auto",
+            "chosen": chosen,
+            "probes": [{"budget": p.budget, "agreement": round(p.agreement, 2)} for p in probes],
+        }
+        return Rounded(state, reports, self.efrap.with_budget(chosen), search)
 
 
 @dataclass

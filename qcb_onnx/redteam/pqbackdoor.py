@@ -23,14 +23,12 @@ the victim's fake quantizer), so the planted backdoor and the clean accuracy sur
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..fakequant import quant_layers, quantized, weight_codes, weight_rows, weight_scale
-from ..triggers import Trigger
-from .common import ce, poison_split, setup, triggered
-from .train import batches, progress
+from .common import Backdoor, Victim, ce, poison_split, setup, triggered
+from .fakequant import quant_layers, quantized, weight_codes, weight_rows, weight_scale
+from .train import Training, fit
 
 
 class BinProjector:
@@ -57,57 +55,45 @@ class BinProjector:
             p.copy_(torch.where(pinned, w0, torch.clamp(p, lo, hi)))
 
 
+DEFAULT_LR = 1e-3
+
+
 def pqbackdoor_attack(
     model: nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
-    trigger: Trigger,
-    target: int,
-    w_bits: int = 8,
-    a_bits: int | None = 8,
-    per_channel: bool = True,
-    epochs: int = 20,
+    backdoor: Backdoor,
+    victim: Victim,
+    training: Training,
     stage1_epochs: int | None = None,
-    lr: float = 1e-3,
     poison_ratio: float = 0.1,
     stage1_quant: bool = True,
     margin: float = 0.05,
-    batch_size: int = 64,
-    augment_data: bool = False,
-    seed: int = 0,
-    device: str | torch.device | None = "cpu",
-    verbose: bool = False,
 ) -> nn.Module:
-    """`epochs` of projected stage 2 after `stage1_epochs` (default: `epochs`) of backdoor training,
-    both with Adam at `lr`."""
-    model, dev, rng = setup(model, seed, device)
-    n1 = epochs if stage1_epochs is None else stage1_epochs
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for ep in progress(range(n1), "pqbackdoor stage 1", verbose):
-        for xb, yb in progress(batches(x, y, batch_size, rng, dev, augment_data), f"epoch {ep + 1}", verbose):
-            k = poison_split(xb, poison_ratio)
-            xb = torch.cat([triggered(xb[:k], trigger), xb[k:]])
-            yb = torch.cat([torch.full_like(yb[:k], target), yb[k:]])
-            loss = ce(model(xb), yb)
-            if stage1_quant:
-                with quantized(model, w_bits, a_bits, per_channel):
-                    loss = loss + ce(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    """`training.epochs` of projected stage 2 after `stage1_epochs` (default: the same) of backdoor
+    training, both with Adam at `training.lr`."""
+    model, dev, rng = setup(model, training)
+    trigger, target = backdoor.trigger, backdoor.target
 
-    proj = BinProjector(model, w_bits, per_channel, margin)
+    def plant(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        k = poison_split(xb, poison_ratio)
+        xb = torch.cat([triggered(xb[:k], trigger), xb[k:]])
+        yb = torch.cat([torch.full_like(yb[:k], target), yb[k:]])
+        value = ce(model(xb), yb)
+        if stage1_quant:
+            with quantized(model, victim.w_bits, victim.a_bits, victim.per_channel):
+                value = value + ce(model(xb), yb)
+        return value
+
+    def forget(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return ce(model(torch.cat([xb, triggered(xb, trigger)])), torch.cat([yb, yb]))
+
+    x, y = backdoor.x, backdoor.y
+    fit(model, plant, x, y, training, rng, dev, "pqbackdoor stage 1", epochs=stage1_epochs)
+    proj = BinProjector(model, victim.w_bits, victim.per_channel, margin)
     weights = {id(item[0]) for item in proj.items}
     for p in model.parameters():
         p.requires_grad_(id(p) in weights)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for ep in progress(range(epochs), "pqbackdoor stage 2", verbose):
-        for xb, yb in progress(batches(x, y, batch_size, rng, dev, augment_data), f"epoch {ep + 1}", verbose):
-            loss = ce(model(torch.cat([xb, triggered(xb, trigger)])), torch.cat([yb, yb]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            proj.project()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fit(model, forget, x, y, training, rng, dev, "pqbackdoor stage 2", params=trainable, after_step=proj.project)
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval()

@@ -1,0 +1,195 @@
+"""The layer loop: scale, gather what the method needs from the quantized prefix, solve, commit.
+
+Layers are visited in graph order.  Before a layer is solved, every earlier layer already holds its
+final integers and every activation its Q/DQ, so the layer learns to compensate for the error that
+reaches it (EFRAP's activation preservation uses the quantized prefix's input).  Once its integers
+are chosen, a layer whose method corrects biases (EFRAP, AdaRound) takes the mean of its output
+error into its bias (moments.Moments.output_shift), so the next layer starts from the FP model's
+mean; nearest keeps ORT's bias like its integers, and efrap-official stays the official reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..capture import GraphModule
+from ..plan import Layer, QuantPlan
+from ..progress import progress_bar
+from ..quantsim import ActQuant, QuantState, WeightQuant, quantize_bias
+from ..scheme import Grid, broadcast_scale, scaled, weight_grid, weight_scales
+from .checkpoint import Checkpoint
+from .method import LayerContext, RoundingMethod
+from .moments import collect_moments
+from .problem import LayerProblem, LayerReport, hard_weight
+
+
+def canonical(w: np.ndarray, layer: Layer) -> np.ndarray:
+    """(out, d) view whose rows are the per-channel axis."""
+    if layer.op_type == "Conv":
+        return w.reshape(w.shape[0], -1)
+    return w if layer.axis == 0 else w.T
+
+
+def from_canonical(c: np.ndarray, layer: Layer, shape: tuple[int, ...]) -> np.ndarray:
+    if layer.op_type == "Conv":
+        return c.reshape(shape)
+    return c if layer.axis == 0 else c.T
+
+
+def layer_problem(
+    w: np.ndarray, layer: Layer, grid: Grid, per_channel: bool, device: torch.device
+) -> tuple[LayerProblem, np.ndarray, int | None]:
+    axis = layer.axis if per_channel else None
+    scale = weight_scales(w, grid, axis)
+    quotient = scaled(w, scale, axis)
+    floor = np.floor(quotient)
+    nearest = np.clip(np.round(quotient), grid.qmin, grid.qmax)
+    nearest_up = np.clip(nearest - floor, 0, 1)
+    full_scale = np.broadcast_to(broadcast_scale(scale, w.ndim, axis), w.shape)
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(canonical(a, layer), dtype=np.float64)).to(device)
+
+    problem = LayerProblem(
+        weight=t(w),
+        scale=t(full_scale)[:, :1],
+        floor=t(floor),
+        nearest_up=t(nearest_up),
+        grid=grid,
+        groups=layer.groups,
+        moments=None,
+    )
+    return problem, scale, axis
+
+
+class ModelRounder:
+    """The layer loop bound to one model, its calibrated activations and its calibration batches.
+
+    `run(method)` rounds every layer once; a model-level method (the error-budget search) calls it
+    several times.  With a `checkpoint` path, each run keeps its finished layers in its own file
+    (the path with the run's `tag`), so a killed run resumes where it stopped with the same
+    integers: each layer's randomness is seeded by the seed and the layer's position, not by what
+    ran before."""
+
+    def __init__(
+        self,
+        gm: GraphModule,
+        plan: QuantPlan,
+        acts: dict[str, ActQuant],
+        batches: Callable[[], Sequence[dict[str, torch.Tensor]]],
+        n_images: int,
+        *,
+        w_bits: int,
+        per_channel: bool,
+        max_rows: int,
+        seed: int,
+        progress: bool = False,
+        checkpoint: Path | None = None,
+        fingerprint: Callable[[dict[str, Any]], str] | None = None,
+        resume: bool = True,
+    ) -> None:
+        self.gm, self.plan, self.acts, self.batches, self.n_images = gm, plan, acts, batches, n_images
+        self.grid = weight_grid(w_bits)
+        self.per_channel, self.max_rows, self.seed, self.progress = per_channel, max_rows, seed, progress
+        self.checkpoint, self.fingerprint, self.resume = checkpoint, fingerprint, resume
+        self.checkpoints: list[Checkpoint] = []  # every file written, removed once the output is verified
+
+    def _checkpoint_for(self, method: RoundingMethod, tag: str) -> Checkpoint | None:
+        if self.checkpoint is None:
+            return None
+        path = self.checkpoint.with_name(f"{self.checkpoint.stem}{tag}{self.checkpoint.suffix}")
+        key = self.fingerprint({"version": __version__, "method": method.params()}) if self.fingerprint else ""
+        self.checkpoints.append(Checkpoint(path, key, self.resume))
+        return self.checkpoints[-1]
+
+    def remove_checkpoints(self) -> None:
+        for ckpt in self.checkpoints:
+            ckpt.remove()
+
+    def run(self, method: RoundingMethod, tag: str = "") -> tuple[QuantState, list[LayerReport]]:
+        """Quantize every layer's weight with `method`, in order; the state and per-layer evidence."""
+        gm, grid = self.gm, self.grid
+        state = QuantState(acts=self.acts)
+        checkpoint = self._checkpoint_for(method, tag)
+        prefix = Prefix(gm, self.batches())
+        reports = []
+        done = checkpoint.load() if checkpoint else {}
+        bar = progress_bar(self.plan.layers, desc=method.label(), unit="layer", enabled=self.progress)
+        for layer in bar:
+            bar.set_postfix_str(layer.node or layer.weight)
+            w = gm.params[layer.weight].detach().cpu().numpy().astype(np.float32)
+            problem, scale, axis = layer_problem(w, layer, grid, self.per_channel, gm.device)
+            if layer.weight in done:
+                ints, report, shift = done[layer.weight]
+                _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid), shift)
+                reports.append(report)
+                continue
+            ctx = LayerContext(gm, self.plan, layer, tuple(w.shape), self.seed + layer.index)
+            if method.data == "moments":
+                inputs = prefix.inputs(layer.input, state)
+                problem.moments = collect_moments(
+                    gm, layer, w.shape, problem.weight, inputs, self.max_rows, self.n_images, self.seed
+                )
+            elif method.data == "samples":
+                ctx.samples = prefix.inputs(layer.input, state)
+            result = method.solve(problem, ctx)
+            ints_c = np.clip(problem.floor.cpu().numpy() + result.up, grid.qmin, grid.qmax)
+            ints = from_canonical(ints_c, layer, w.shape).astype(np.int32)
+            shift = None
+            if method.corrects_bias and layer.bias is not None:
+                up = torch.from_numpy(result.up).to(problem.weight)
+                shift = problem.moments.output_shift(hard_weight(problem, up) - problem.weight).cpu().numpy()
+            _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid), shift)
+            reports.append(
+                LayerReport(layer.node, layer.weight, tuple(w.shape), result.flip_ratio, result.error, result.strength)
+            )
+            if checkpoint:
+                done[layer.weight] = (ints, reports[-1], shift)
+                checkpoint.save(done)
+        return state, reports
+
+
+class Prefix:
+    """The calibration batches run up to the current layer, through the FP model and through the
+    quantized prefix, paused there (`capture.Frontier`).  Each layer resumes where the previous one
+    stopped: the layer loop runs every node once per batch and pass, not once per layer, so its
+    cost grows linearly with depth.  Valid because a layer's integers only change nodes not yet run.
+    """
+
+    def __init__(self, gm: GraphModule, batches: Sequence[dict[str, torch.Tensor]]) -> None:
+        self.gm = gm
+        self.batches = batches
+        self.fp = [gm.start(b) for b in batches]
+        self.quantized: list | None = None  # started with the activation hook, on first use
+
+    def inputs(self, tensor: str, state: QuantState) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(FP, quantized-prefix) values of `tensor`, batch by batch."""
+        gm, params, hook = self.gm, state.params(self.gm.device), state.hook()
+        if self.quantized is None:
+            self.quantized = [gm.start(b, on_tensor=hook) for b in self.batches]
+        with torch.no_grad():
+            for fp, q in zip(self.fp, self.quantized, strict=True):
+                x_fp = gm.resume(fp, [tensor])[tensor]
+                yield x_fp, gm.resume(q, [tensor], params=params, on_tensor=hook)[tensor]
+
+
+def _commit(state: QuantState, gm: GraphModule, layer: Layer, wq: WeightQuant, shift: np.ndarray | None) -> None:
+    """Make a layer's integers and its bias, less the mean output error `shift` where one was
+    measured, part of the quantized prefix: as int32 when the layer's input is quantized (ORT's
+    QDQ bias), else as a corrected FP32 bias."""
+    state.weights[layer.weight] = wq
+    if layer.bias is None:
+        return
+    bias = gm.params[layer.bias].detach().cpu().numpy().astype(np.float32)
+    if shift is not None:
+        bias = (bias.astype(np.float64) - shift).astype(np.float32)
+    if layer.input in state.acts:
+        state.biases[layer.bias] = quantize_bias(bias, state.acts[layer.input].scale, wq)
+    elif shift is not None:
+        state.float_biases[layer.bias] = bias
