@@ -107,8 +107,11 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         model_ir = ir.serde.deserialize_model(model)
     except Exception as exc:
         raise ModelFileError(f"cannot read the ONNX model: {one_line(exc)}") from exc
-    normalize_pass()(model_ir)
-    result = ir.serde.serialize_model(model_ir)
+    try:  # a hostile graph the checker let through can still break a pass (onnx_ir's SerdeError, ...)
+        normalize_pass()(model_ir)
+        result = ir.serde.serialize_model(model_ir)
+    except Exception as exc:  # noqa: BLE001 - whatever a pass raises on this model is about the model
+        raise ModelFileError(f"cannot normalize the model: {one_line(exc)}") from exc
     try:
         large.check_model(result, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -116,5 +119,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
             large.check_model(model, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as in_exc:
             raise ModelFileError(f"the model fails the ONNX checker: {one_line(in_exc)}") from in_exc
-        raise RuntimeError(f"normalize produced an invalid model (a qcb-onnx bug): {exc}") from exc
+        raise ModelFileError(
+            f"normalizing the model produced an invalid graph (please report it): {one_line(exc)}"
+        ) from exc
     return result

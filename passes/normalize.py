@@ -2,12 +2,15 @@
 
 Order (each is an in-place onnx_ir pass):
 
+0. Initializers that are also graph inputs (IR < 4 style) become plain constants, as ORT's
+   quant_pre_process treats them: only data inputs stay inputs; model-local functions are inlined.
 1. ONNX shape inference (best effort: a model it cannot handle is left as is).
 2. Lift Constant nodes to initializers, so weights given as Constant nodes are initializers.
 3. Repeated until nothing changes (at most ``max_iterations`` times): constant folding,
    Dropout -> Identity, Identity elimination, BatchNormalization folding, Conv + Add/Mul
    folding, dead node/initializer removal.
-4. Lift constants again, remove unused nodes/initializers, topological sort, shape inference.
+4. Lift constants again, remove unused nodes/initializers, topological sort, shape inference, and
+   an Identity between a graph input and a graph output that are the same value (ONNX forbids it).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def make_lift_constants_pass() -> ir.passes.InPlacePass:
 def make_normalize_pass(*, max_iterations: int = 4, size_limit: int = DEFAULT_SIZE_LIMIT) -> ir.passes.PassBase:
     """The whole normalize stage as one in-place pass over an ``ir.Model``."""
     return ir.passes.Sequential(
+        common.RemoveInitializersFromInputsPass(),
+        common.InlinePass(),
         make_shape_inference_pass(),
         make_lift_constants_pass(),
         ir.passes.PassManager(
@@ -54,4 +59,5 @@ def make_normalize_pass(*, max_iterations: int = 4, size_limit: int = DEFAULT_SI
         common.RemoveUnusedNodesPass(),
         common.TopologicalSortPass(),
         make_shape_inference_pass(),
+        common.OutputFixPass(),
     )

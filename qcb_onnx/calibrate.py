@@ -14,11 +14,16 @@ import numpy as np
 import torch
 
 from .capture import GraphModule
+from .errors import CalibrationDataError
 from .plan import QuantPlan
 from .quantsim import ActQuant
 from .scheme import Grid, activation_grid, activation_params
 
 SAMPLE_PER_TENSOR = 1 << 18
+# Largest |value| a layer input may take.  The reconstruction's second moments sum products of
+# inputs and of their errors in float32 over thousands of rows per batch: beyond this they overflow
+# (a bit flip or a hostile calibration set, never a trained model's activations).
+MAX_LAYER_INPUT = 1e8
 
 
 class RangeObserver:
@@ -30,11 +35,13 @@ class RangeObserver:
         self.keep_sample = keep_sample
         self.rng = rng
         self.chunks: list[np.ndarray] = []
+        self.finite = True
 
     def update(self, value: torch.Tensor) -> None:
         v = value.detach().float().reshape(-1)
         if v.numel() == 0:
             return
+        self.finite = self.finite and bool(torch.isfinite(v).all())
         self.min = min(self.min, float(v.min()))
         self.max = max(self.max, float(v.max()))
         if self.keep_sample:
@@ -71,6 +78,51 @@ def _mse_range(obs: RangeObserver, grid: Grid, steps: int = 64) -> tuple[float, 
     return best
 
 
+def observe(
+    gm: GraphModule,
+    tensors: set[str],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    sampled: set[str] = frozenset(),
+    rng: np.random.Generator | None = None,
+) -> dict[str, RangeObserver]:
+    """Run the FP model over every batch and observe `tensors` (a value sample for `sampled` ones)."""
+    observers = {t: RangeObserver(t in sampled, rng) for t in tensors}
+
+    def see(name: str, value: torch.Tensor) -> torch.Tensor:
+        obs = observers.get(name)
+        if obs is not None:
+            obs.update(value)
+        return value
+
+    with torch.no_grad():
+        for feeds in batches:
+            gm.run(feeds, on_tensor=see)
+    return observers
+
+
+def check_magnitudes(gm: GraphModule, plan: QuantPlan, observers: dict[str, RangeObserver]) -> None:
+    """Refuse calibration data that overflows: any observed tensor reaching inf or NaN, a layer input
+    beyond MAX_LAYER_INPUT.  Names the first such tensor in graph order."""
+    inputs = {layer.input: layer.node for layer in plan.layers}
+    for name in sorted(observers, key=lambda t: -1 if gm.producer(t) is None else gm.producer(t)):
+        obs = observers[name]
+        if not obs.finite:
+            raise CalibrationDataError(
+                f"calibration data overflows tensor '{name}' to inf or NaN in float32; check its scale"
+            )
+        peak = max(abs(obs.min), abs(obs.max))
+        if name in inputs and peak > MAX_LAYER_INPUT:
+            raise CalibrationDataError(
+                f"calibration data drives tensor '{name}' (input of layer '{inputs[name]}') to {peak:.3g}; "
+                f"beyond {MAX_LAYER_INPUT:g} the reconstruction's float32 sums overflow: check its scale"
+            )
+
+
+def check_calibration(gm: GraphModule, plan: QuantPlan, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+    """`check_magnitudes` on every layer input, for a weight-only run (which calibrates nothing)."""
+    check_magnitudes(gm, plan, observe(gm, {layer.input for layer in plan.layers}, batches))
+
+
 def calibrate_activations(
     gm: GraphModule,
     plan: QuantPlan,
@@ -81,7 +133,8 @@ def calibrate_activations(
     seed: int = 0,
     headroom: float = 1.0,
 ) -> dict[str, ActQuant]:
-    """Observe every planned activation on the FP model and turn ranges into (scale, zero_point).
+    """Observe every planned activation on the FP model and turn ranges into (scale, zero_point);
+    the same pass checks every layer input's magnitude (`check_magnitudes`).
 
     `headroom` stretches each observed range away from zero before it becomes a grid.  Ranges
     observed on clean calibration data clip whatever a trigger drives beyond them, and that clipping
@@ -89,20 +142,13 @@ def calibrate_activations(
     such values on the grid at the price of log2(headroom) bits of activation resolution."""
     grid = activation_grid(a_bits)
     sources = {plan.stats_source.get(t, t) for t in plan.activations}
-    rng = np.random.default_rng(seed)
-    observers = {t: RangeObserver(method != "minmax", rng) for t in sources}
-
-    def observe(name: str, value: torch.Tensor) -> torch.Tensor:
-        obs = observers.get(name)
-        if obs is not None:
-            obs.update(value)
-        return value
-
-    with torch.no_grad():
-        for feeds in batches:
-            gm.run(feeds, on_tensor=observe)
+    sampled = sources if method != "minmax" else set()
+    layer_inputs = {layer.input for layer in plan.layers}
+    observers = observe(gm, sources | layer_inputs, batches, sampled, np.random.default_rng(seed))
+    check_magnitudes(gm, plan, observers)
     ranges = {}
-    for name, obs in observers.items():
+    for name in sources:
+        obs = observers[name]
         if method == "minmax":
             ranges[name] = (obs.min, obs.max)
         elif method == "percentile":

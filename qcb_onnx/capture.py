@@ -33,8 +33,16 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-from qcb_onnx.errors import CalibrationDataError, ModelFileError, QcbError, UnsupportedModelError, UsageError
+from qcb_onnx.errors import (
+    CalibrationDataError,
+    InvalidGraphError,
+    ModelFileError,
+    QcbError,
+    UnsupportedModelError,
+    UsageError,
+)
 from qcb_onnx.load import graph_order
+from qcb_onnx.text import one_line
 
 __all__ = ["GraphModule", "UnsupportedOps", "MIN_OPSET", "SUPPORTED_OPS"]
 
@@ -1032,8 +1040,8 @@ class GraphModule:
                 results = step.fn(args, step.attrs, step.ctx)
             except QcbError:
                 raise
-            except Exception as exc:
-                raise RuntimeError(f"node {_label(node, i)} ({node.op_type}) failed: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - inputs a validated node cannot take: a broken graph
+                raise InvalidGraphError(f"node {_label(node, i)} ({node.op_type}) cannot run: {one_line(exc)}") from exc
             for name, value in zip(node.output, results, strict=False):
                 if not name:
                     continue

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import tarfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ from typing import Any, TypedDict, Unpack
 import numpy as np
 import onnx
 
-from qcb_onnx.errors import CalibrationDataError, UnsupportedModelError, UsageError
+from qcb_onnx.errors import CalibrationDataError, QcbNote, UnsupportedModelError, UsageError
 from qcb_onnx.text import one_line
 
 __all__ = [
@@ -407,9 +408,14 @@ def _match_inputs(
     if len(specs) == 1 and specs[0].name not in keys:
         non_label = [k for k in keys if k not in _LABEL_KEYS or k in input_names]
         if len(non_label) == 1:
-            return {specs[0].name: non_label[0]}, label_key
-        if not labelled and not non_label and len(keys) == 1:
-            return {specs[0].name: keys[0]}, label_key
+            key = non_label[0]
+            if key != "x":  # 'x' is the documented name for a single input
+                warnings.warn(
+                    f"{ctx.kind} data has no array named '{specs[0].name}'; using its only array '{key}'",
+                    QcbNote,
+                    stacklevel=2,
+                )
+            return {specs[0].name: key}, label_key
         raise ctx.fail(
             f"{ctx.kind} data has no array for input '{specs[0].name}' and no single unambiguous array "
             f"(found: {', '.join(keys) or 'nothing'})"
@@ -600,11 +606,17 @@ def _classes(relative: list[str], labelled: bool, where: str, ctx: _Ctx) -> tupl
 
 def _dir_images(root: Path, split: tuple[str, ...] | None, display: str, labelled: bool, ctx: _Ctx) -> _ImageSet:
     relpaths = []
+    real_root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, root)
         prefix = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
-        relpaths.extend(prefix + f for f in filenames if _is_image_name(prefix + f))
+        for f in filenames:
+            if not _is_image_name(prefix + f):
+                continue
+            if not Path(dirpath, f).resolve().is_relative_to(real_root):  # a link leaving the folder
+                raise ctx.fail(f"image '{prefix + f}' in directory '{display}' links outside the folder; refused")
+            relpaths.append(prefix + f)
     where = f"directory '{display}'"
     if not relpaths:
         raise ctx.fail(f"no images found in {where} (extensions: {' '.join(IMAGE_EXTENSIONS)})")

@@ -8,6 +8,7 @@ The integers written are exactly those in `QuantState`: nothing is re-rounded he
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 
@@ -81,16 +82,16 @@ def emit_qdq(
         replaced[name] = _dequantized(
             name, bq.ints, TensorProto.INT32, bq.scale, f"{name}_quantized", 0, new_inits, head
         )
-    keep = [
+    graph_outputs = {o.name for o in graph.output}
+    keep = [  # a quantized initializer that is also a graph output keeps its float values for that output
         numpy_helper.from_array(state.float_biases[t.name], t.name) if t.name in state.float_biases else t
         for t in graph.initializer
-        if t.name not in replaced
+        if t.name not in replaced or t.name in graph_outputs
     ]
     del graph.initializer[:]
     graph.initializer.extend(keep)
 
     # --- activations
-    graph_outputs = {o.name for o in graph.output}
     relu_aliases = dict(plan.removed_relus)  # relu output -> the layer output that now carries its Q/DQ
     qdq_after: dict[str, list[onnx.NodeProto]] = {}
     renamed_outputs: dict[str, str] = {}
@@ -138,8 +139,11 @@ def emit_qdq(
     graph.initializer.extend(new_inits)
 
     def rewire(node: onnx.NodeProto) -> onnx.NodeProto:
+        # an Identity that passes a value through to a graph output (normalize puts one between an input
+        # and an output that are the same value) returns it unquantized, as the FP model does
+        passthrough = node.op_type == "Identity" and node.output[0] in graph_outputs
         for i, name in enumerate(node.input):
-            if name in replaced:
+            if name in replaced and not passthrough:
                 node.input[i] = replaced[name]
         for i, name in enumerate(node.output):
             if name in renamed_outputs:
@@ -158,11 +162,13 @@ def emit_qdq(
             ordered += qdq_after.get(name, [])
     graph.node.extend(ordered)
     used = {i for n in graph.node for i in n.input}
-    live = [t for t in graph.initializer if t.name in used or t.name in {i.name for i in graph.input}]
+    needed = used | graph_outputs | {i.name for i in graph.input}
+    live = [t for t in graph.initializer if t.name in needed]
     del graph.initializer[:]
     graph.initializer.extend(live)
     # the lowest IR version the opsets allow: ORT releases lag behind onnx's newest IR version
-    out.ir_version = min(out.ir_version, helper.find_min_ir_version_for(list(out.opset_import)))
+    with contextlib.suppress(ValueError):  # a domain onnx does not know: keep the model's own
+        out.ir_version = min(out.ir_version, helper.find_min_ir_version_for(list(out.opset_import)))
     for key, value in metadata.items():
         entry = out.metadata_props.add()
         entry.key = METADATA_PREFIX + key

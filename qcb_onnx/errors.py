@@ -19,7 +19,10 @@ code  meaning
 6     `VerificationError`
 7     `ExternalDataError`: external-data location escapes the model folder, missing or unreadable
 8     `InvalidGraphError`: cycle, duplicate tensor name, undefined input, data/dims mismatch
-9     `InvalidWeightsError`: NaN/Inf weights, zero-sized weights, huge or negative dims
+9     `InvalidWeightsError`: NaN/Inf weights, zero-sized weights, huge or negative dims, magnitudes
+      that overflow float32 arithmetic
+11    `OutputError`: the output location is unusable (missing or read-only folder, a directory)
+      or writing failed (disk full, I/O error)
 130   interrupted (Ctrl-C)
 ====  ======================================================================================
 
@@ -78,3 +81,13 @@ class InvalidGraphError(ModelFileError, code=8):
 class InvalidWeightsError(ModelFileError, code=9):
     """Weights that cannot be quantized safely: NaN/Inf values, zero-sized weights, or dims that are
     negative or declare more than 2**31 elements."""
+
+
+class OutputError(QcbError, code=11):
+    """The output cannot be written: its folder is missing or not writable, the path is a directory,
+    or the write itself failed (disk full, I/O error).  Checked before any work where possible."""
+
+
+class QcbNote(UserWarning):
+    """Something the user should know that is not an error (e.g. which array of an .npz was used);
+    the CLI prints it as one ``note:`` line."""

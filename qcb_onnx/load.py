@@ -70,6 +70,12 @@ WEIGHT_SLOTS = {
     "MatMul": (0, 1),
     "BatchNormalization": (1, 2, 3, 4),
 }
+# Largest |value| of a weight that becomes integers (a Conv, ConvTranspose, Gemm or MatMul input).
+# Trained weights stay orders of magnitude below; past it, float32 scales and the reconstruction's
+# sums overflow (a bit flip in an exponent gives 1e36).  Constants elsewhere (attention masks at
+# float32's minimum) are not weights and are not bounded.
+MAX_WEIGHT = 1e8
+QUANTIZED_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 # ops where an infinite constant is meaningful (clamp bounds, masks); Inf anywhere else is refused
 INF_OK_OPS = frozenset({"Clip", "Where", "Min", "Max", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal"})
 
@@ -155,7 +161,41 @@ def load_model(source: str | Path | onnx.ModelProto, allow_quantized: bool = Fal
         assert path is not None and model is not source
         _read_external_data(external, path.parent, where)
     _check_values(model, where)
+    _check_weight_ranks(model.graph, where)
+    if _invalid_strings(model):  # names the file spells in broken UTF-8: repaired, in a copy
+        model = _copy(model) if model is source else model
+        _invalid_strings(model, repair=True)
     return model
+
+
+def _invalid_strings(message, repair: bool = False) -> bool:
+    """Whether any string field of `message` or its sub-messages holds invalid UTF-8 (protobuf hands
+    those out as bytes); with `repair`, each becomes its backslash-escaped text, the same bytes always
+    the same text, so tensor names still connect.  ORT ignores the encoding; onnx_ir refuses it."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    found = False
+    stack = [message]
+    while stack:
+        msg = stack.pop()
+        for field, value in msg.ListFields():
+            repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                stack.extend(value if repeated else [value])
+            elif field.type == FieldDescriptor.TYPE_STRING:
+                values = list(value) if repeated else [value]
+                if not any(isinstance(v, bytes) for v in values):
+                    continue
+                found = True
+                if not repair:
+                    return True
+                fixed = [v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v for v in values]
+                if repeated:
+                    del getattr(msg, field.name)[:]
+                    getattr(msg, field.name).extend(fixed)
+                else:
+                    setattr(msg, field.name, fixed[0])
+    return found
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -240,7 +280,10 @@ def _check_model(model: onnx.ModelProto, where: str, allow_quantized: bool = Fal
         raise ModelFileError(f"{where} has an empty graph (not an ONNX model?)")
     opset = default_opset(model)
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UnsupportedModelError(f"{where} uses ONNX opset {opset}; supported opsets are {MIN_OPSET}..{MAX_OPSET}")
+        raise UnsupportedModelError(
+            f"{where} uses ONNX opset {opset}; supported opsets are {MIN_OPSET}..{MAX_OPSET} "
+            "(onnx.version_converter.convert_version(model, 13) updates an older one)"
+        )
     quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
     if quantized and not allow_quantized:
         raise UnsupportedModelError(
@@ -634,7 +677,8 @@ def _consumers(graph: onnx.GraphProto) -> dict:
 
 
 def _check_values(model: onnx.ModelProto, where: str) -> None:
-    """No NaN in any floating tensor; +-Inf only in constants that feed clamping / masking ops."""
+    """No NaN in any floating tensor; +-Inf only in constants that feed clamping / masking ops; no
+    weight of a quantized op beyond MAX_WEIGHT in magnitude."""
     consumers = _consumers(model.graph)
     for tensor, label, feeds in _labelled_tensors(model):
         if tensor.data_type not in _FLOAT_TYPES or math.prod(tensor.dims) == 0:
@@ -647,6 +691,8 @@ def _check_values(model: onnx.ModelProto, where: str) -> None:
             values = values.astype(np.float32)
         finite = np.isfinite(values)
         if finite.all():
+            if len(feeds) == 1 and consumers.get(feeds[0], set()) & QUANTIZED_WEIGHT_OPS:
+                _check_magnitude(values, where, label)
             continue
         nan = np.isnan(values)
         if nan.any():
@@ -666,6 +712,45 @@ def _check_values(model: onnx.ModelProto, where: str) -> None:
             raise InvalidWeightsError(
                 f"{where}: {label} holds {int((~finite).sum())} infinite value(s) (first at index {first}) "
                 f"and feeds {', '.join(quoted(b)[1:-1] for b in bad)}; weights must be finite"
+            )
+
+
+def _check_magnitude(values: np.ndarray, where: str, label: str) -> None:
+    peak = np.abs(values).max()
+    if peak > MAX_WEIGHT:
+        first = tuple(int(i) for i in np.unravel_index(int(np.abs(values).argmax()), values.shape))
+        raise InvalidWeightsError(
+            f"{where}: {label} holds {float(peak):.3g} (at index {first}); weights beyond {MAX_WEIGHT:g} in "
+            "magnitude overflow float32 arithmetic"
+        )
+
+
+def _check_weight_ranks(graph: onnx.GraphProto, where: str) -> None:
+    """A Conv's constant weight has rank 3..5, the rank of its data input (when known) and the
+    kernel_shape it declares; a Gemm's is 2.  Anything else is a broken graph that the executor or
+    ONNX Runtime would fail on deep inside."""
+    constants = {t.name: tuple(t.dims) for t in graph.initializer}
+    ranks = {name: len(dims) for name, dims in constants.items()}
+    for value in (*graph.input, *graph.value_info):
+        if value.type.tensor_type.HasField("shape"):
+            ranks.setdefault(value.name, len(value.type.tensor_type.shape.dim))
+    for i, node in enumerate(graph.node):
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        if weight not in constants:
+            continue
+        dims = constants[weight]
+        rank, data = len(dims), ranks.get(node.input[0])
+        conv_ok = 3 <= rank <= 5 and data in (None, rank)
+        if not (rank == 2 if node.op_type == "Gemm" else conv_ok):
+            got = f"rank {rank}" + ("" if data is None else f" on an input of rank {data}")
+            raise InvalidGraphError(f"{where}: node {_label(node, i)} has a weight {quoted(weight)} of {got}")
+        kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), None)
+        if node.op_type != "Gemm" and kernel is not None and tuple(kernel) != dims[2:]:
+            raise InvalidGraphError(
+                f"{where}: node {_label(node, i)} declares kernel_shape {kernel} but its weight "
+                f"{quoted(weight)} has kernel {list(dims[2:])}"
             )
 
 

@@ -19,7 +19,7 @@ import torch
 from onnx import TensorProto
 
 from . import __version__, large
-from .calibrate import calibrate_activations
+from .calibrate import calibrate_activations, check_calibration
 from .capture import GraphModule
 from .config import QuantConfig
 from .data import input_specs, load_calibration
@@ -34,6 +34,8 @@ from .rounding.problem import LayerReport
 from .runtime import torch_device
 from .verify import verify
 
+VERIFY_SAMPLES = 64  # calibration samples ORT and the simulation must agree on after writing
+
 
 @dataclass
 class Conversion:
@@ -45,6 +47,7 @@ class Conversion:
     plan: QuantPlan
     layers: list[LayerReport]
     config: QuantConfig
+    seconds: float  # wall time of the conversion (not in the model: outputs are byte-identical)
 
     def simulate(self, x: np.ndarray, batch_size: int = 256, state: QuantState | None = None) -> np.ndarray:
         """Our PyTorch simulation of the quantized model (for agreement checks against ORT); `state`
@@ -97,7 +100,7 @@ def quantize(
     specs = input_specs(normalized)
     arrays = load_calibration(calibration, specs, preprocess=a.preprocess, limit=a.calib_size, seed=run.seed)
     n_images = len(next(iter(arrays.values())))
-    batches = _batcher(arrays, a.batch_size, dev)
+    batches = _batcher(arrays, _batch_size(specs, a.batch_size), dev)
     plan = build_plan(
         gm.nodes,
         {t.name: t for t in normalized.graph.initializer},
@@ -107,12 +110,14 @@ def quantize(
         quantize_activations=a.a_bits is not None,
     )
 
-    # calibrate
+    # calibrate (and refuse data that overflows float32 arithmetic, naming the tensor)
     acts = {}
     if a.a_bits is not None:
         acts = calibrate_activations(
             gm, plan, batches(), a.a_bits, method=a.calib_method, seed=run.seed, headroom=a.act_headroom
         )
+    else:
+        check_calibration(gm, plan, batches())
 
     # round
     rounder = ModelRounder(
@@ -130,26 +135,34 @@ def quantize(
         fingerprint=lambda extra: _fingerprint(normalized, arrays, {**config.fingerprint(), **extra}),
         resume=resume,
     )
-    rounded = method.round_model(rounder)
-    state = rounded.state
+    try:
+        rounded = method.round_model(rounder)
+        state = rounded.state
 
-    # emit
-    if w.int8_storage:  # same integers and scales in INT8 containers: ORT's CPU EP fuses those, not INT4
-        state.weights = {
-            k: replace(wq, grid=replace(wq.grid, onnx_type=TensorProto.INT8)) for k, wq in state.weights.items()
-        }
-    qdq = emit_qdq(normalized, plan, state, _metadata(config, rounded, n_images, time.perf_counter() - t0))
+        # emit
+        if w.int8_storage:  # same integers and scales in INT8 containers: ORT's CPU EP fuses those, not INT4
+            state.weights = {
+                k: replace(wq, grid=replace(wq.grid, onnx_type=TensorProto.INT8)) for k, wq in state.weights.items()
+            }
+        qdq = emit_qdq(normalized, plan, state, _metadata(config, rounded, n_images))
 
-    # verify
-    if run.check:
-        verify(qdq, gm, state, batches()[0], providers=run.providers)
+        # verify, on up to VERIFY_SAMPLES samples in batches the model accepts
+        if run.check:
+            per_batch = len(next(iter(batches()[0].values())))
+            verify(qdq, gm, state, batches()[: max(1, VERIFY_SAMPLES // per_batch)], providers=run.providers)
+    except KeyboardInterrupt:
+        raise  # finished layers stay in the checkpoints: --resume continues from them
+    except BaseException:
+        rounder.remove_checkpoints()  # a failed run leaves nothing behind
+        raise
     rounder.remove_checkpoints()
-    return Conversion(qdq, gm, state, plan, rounded.reports, config)
+    return Conversion(qdq, gm, state, plan, rounded.reports, config, round(time.perf_counter() - t0, 2))
 
 
-def _metadata(config: QuantConfig, rounded: Rounded, n_images: int, seconds: float) -> dict[str, object]:
+def _metadata(config: QuantConfig, rounded: Rounded, n_images: int) -> dict[str, object]:
     """What the output records about itself: the whole config (`QuantConfig.from_dict` reads it back),
-    the rounding's resolved parameters, and per-layer evidence."""
+    the rounding's resolved parameters, and per-layer evidence.  Nothing that differs between two
+    identical runs (timings, paths): the same inputs give the same bytes."""
     w, a = config.weights, config.activations
     meta: dict[str, object] = {
         "version": __version__,
@@ -174,7 +187,6 @@ def _metadata(config: QuantConfig, rounded: Rounded, n_images: int, seconds: flo
             }
             for r in rounded.reports
         ],
-        "seconds": round(seconds, 2),
     }
     if a.preprocess is not None:
         meta["preprocess"] = a.preprocess.to_metadata()
@@ -189,6 +201,13 @@ def _fingerprint(model: onnx.ModelProto, arrays: dict[str, np.ndarray], options:
         h.update(np.ascontiguousarray(arrays[name]).tobytes())
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def _batch_size(specs: list, wanted: int) -> int:
+    """The configured batch size, or the batch dimension the model declares if it is static: a model
+    exported for batch 1 may reshape with that 1 built in, so it only computes right on such batches."""
+    static = {spec.shape[0] for spec in specs if spec.shape and spec.shape[0] is not None}
+    return static.pop() if len(static) == 1 else wanted
 
 
 def _batcher(arrays: dict[str, np.ndarray], batch_size: int, dev: torch.device):

@@ -13,30 +13,32 @@ from .emit import read_weight_ints
 from .errors import VerificationError
 from .quantsim import QuantState
 from .runtime import session
+from .text import one_line
 
 
 def verify(
     qdq: onnx.ModelProto,
     gm: GraphModule,
     state: QuantState,
-    feeds: dict[str, torch.Tensor],
+    batches: list[dict[str, torch.Tensor]],
     providers: str | list[str] = "auto",
     min_agreement: float = 0.9,
 ) -> float:
-    """Raise VerificationError on any failed check; return top-1 agreement ORT vs simulation."""
+    """Raise VerificationError on any failed check; return top-1 agreement ORT vs simulation over
+    `batches` (each of a size the model accepts: a static batch dimension is honoured)."""
     try:
         large.check_model(qdq, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise VerificationError(f"written model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+        raise VerificationError(f"written model fails the ONNX checker: {one_line(exc)}") from None
     for name, wq in state.weights.items():
         if not np.array_equal(read_weight_ints(qdq, name), wq.ints):
             raise VerificationError(f"integer weights of '{name}' differ from the rounding decisions")
     try:
         sess = session(qdq, providers)
-        ort_out = sess.run(None, {k: v.cpu().numpy() for k, v in feeds.items()})[0]
+        ort_out = np.concatenate([sess.run(None, {k: v.cpu().numpy() for k, v in b.items()})[0] for b in batches])
     except Exception as exc:  # noqa: BLE001
-        raise VerificationError(f"ONNX Runtime cannot run the written model: {str(exc).splitlines()[0]}") from None
-    sim = next(state.outputs(gm, [feeds])).cpu().numpy()
+        raise VerificationError(f"ONNX Runtime cannot run the written model: {one_line(exc)}") from None
+    sim = np.concatenate([out.cpu().numpy() for out in state.outputs(gm, batches)])
     if ort_out.shape != sim.shape:
         raise VerificationError(f"ORT output shape {ort_out.shape} differs from simulation {sim.shape}")
     if ort_out.ndim < 2 or ort_out.shape[-1] < 2:

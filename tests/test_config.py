@@ -19,8 +19,16 @@ def _convert_parser():
 
 def test_every_option_is_a_cli_flag_and_back():
     """The convert parser's destinations are exactly the config's option names (plus the command's own
-    model/calib/out/force/resume; `check` is API-only): a new field cannot miss its flag or vice versa."""
-    dests = {a.dest for a in _convert_parser()._actions} - {"help", "model", "calib", "out", "force", "resume"}
+    model/calib/out/force/resume/verbose; `check` is API-only): a new field cannot miss its flag or vice versa."""
+    dests = {a.dest for a in _convert_parser()._actions} - {
+        "help",
+        "model",
+        "calib",
+        "out",
+        "force",
+        "resume",
+        "verbose",
+    }
     assert dests == set(QuantConfig.option_names()) - {"check"}
 
 

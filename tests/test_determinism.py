@@ -1,8 +1,8 @@
 """Determinism: the same model, calibration data and seed give byte-identical output models.
 
-Two in-process conversions per rounding method are compared on ``SerializeToString()`` after
-removing the only entry that may legitimately differ, the wall-clock ``qcb_onnx.seconds``
-metadata.  A different seed must change the output (else the comparison would prove nothing).
+Two in-process conversions per rounding method are compared on ``SerializeToString()``, whole:
+no timing, path or host detail is written into the model.  A different seed must change the output
+(else the comparison would prove nothing).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qcb_onnx.pipeline import convert
-
-TIMING_KEY = "qcb_onnx.seconds"
 
 
 def _model() -> onnx.ModelProto:
@@ -46,16 +44,6 @@ MODEL = _model()
 CALIB = np.random.default_rng(1).random((24, 1, 8, 8), dtype=np.float32)
 
 
-def _without_timing(model: onnx.ModelProto) -> bytes:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    kept = [p for p in copy.metadata_props if p.key != TIMING_KEY]
-    assert len(kept) == len(copy.metadata_props) - 1, "the timing entry should be there exactly once"
-    del copy.metadata_props[:]
-    copy.metadata_props.extend(kept)
-    return copy.SerializeToString()
-
-
 def _convert(method: str, seed: int) -> bytes:
     model = convert(
         MODEL,
@@ -69,7 +57,8 @@ def _convert(method: str, seed: int) -> bytes:
         device="cpu",
         providers="cpu",
     )
-    return _without_timing(model)
+    assert not any(p.key.endswith("seconds") for p in model.metadata_props)
+    return model.SerializeToString()
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +70,7 @@ def _restore_torch_rng():
 
 @pytest.mark.parametrize("method", ["efrap", "adaround", "nearest"])
 def test_same_inputs_same_bytes(method):
-    """Two conversions with the same inputs and seed serialize to identical bytes (timing aside),
+    """Two conversions with the same inputs and seed serialize to identical bytes,
     even with unrelated torch RNG use in between."""
     first = _convert(method, seed=3)
     torch.rand(17)  # global RNG state must not leak into the result

@@ -426,16 +426,17 @@ def test_metadata_opsets_and_input_preserved():
     assert {p.key: p.value for p in normalized.metadata_props} == {"author": "qcb", "source": "unit-test"}
 
 
-def test_initializers_that_are_graph_inputs_are_not_folded():
-    """Old-style models list initializers as graph inputs (overridable at run time), so they are
-    not constants: BN is left unfolded, the signature is unchanged and outputs match."""
+def test_initializers_that_are_graph_inputs_become_constants():
+    """Old-style models list initializers as graph inputs; as ORT's quant_pre_process does, they are
+    treated as constants: BN is folded, only the data input stays an input, and outputs match."""
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     _randomize_bn(net, seed=11)
     model = _export(net, (1, 3, 5, 5), keep_initializers_as_inputs=True)
+    assert len(model.graph.input) > 1
     normalized = normalize(model)
     onnx.checker.check_model(normalized, full_check=True)
-    assert [i.name for i in normalized.graph.input] == [i.name for i in model.graph.input]
-    assert "BatchNormalization" in _ops(normalized)
+    assert [i.name for i in normalized.graph.input] == [model.graph.input[0].name]
+    assert "BatchNormalization" not in _ops(normalized)
     x = _input((1, 3, 5, 5))
     np.testing.assert_allclose(_run(normalized, x)[0], _run(model, x)[0], rtol=1e-4, atol=1e-5)
 

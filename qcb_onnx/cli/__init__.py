@@ -7,10 +7,13 @@ written to a temporary file in the destination folder and renamed only after eve
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
+import warnings
 
 from .. import __version__
-from ..errors import QcbError
+from ..errors import QcbError, QcbNote
 from ..redteam.cli import add_attack_parser, cmd_attack
 from .convert import add_convert_parser, cmd_convert
 from .evaluate import add_evaluate_parser, cmd_evaluate
@@ -23,16 +26,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qcb_onnx", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"qcb-onnx {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    add_convert_parser(sub)
-    add_evaluate_parser(sub)
-    add_attack_parser(sub)
+    for command in (add_convert_parser(sub), add_evaluate_parser(sub), add_attack_parser(sub)):
+        command.add_argument("--verbose", action="store_true", help="show library logging and warnings on stderr")
     return p
+
+
+@contextlib.contextmanager
+def _stderr_policy(verbose: bool):
+    """Without --verbose, stderr carries our own lines only: an error, notes (`QcbNote` warnings, one
+    line each) and progress bars.  Third-party logging and warnings (onnx_ir, onnxscript, torch) stay
+    behind --verbose: a library logging a traceback before our one-line error would break it."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, QcbNote):
+            print(f"note: {message}", file=sys.stderr)
+        elif verbose:
+            print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always" if verbose else "default")
+        warnings.showwarning = show
+        if not verbose:
+            logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            if not verbose:
+                logging.disable(logging.NOTSET)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with _stderr_policy(args.verbose):
+            return COMMANDS[args.command](args)
     except QcbError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

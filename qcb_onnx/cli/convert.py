@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from ..config import CALIB_METHODS, DEVICES, GUIDES, QuantConfig
-from ..errors import OutputExistsError
-from ..output import write_atomic
+from ..output import check_output, write_atomic
 from .args import bits_or_none, number_or
 
 
@@ -113,14 +113,14 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..pipeline import convert
+    from .. import pipeline
 
     config = config_from_args(args)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise OutputExistsError(f"output {out} exists; pass --force to overwrite it")
+    check_output(out, args.force, args.model)  # before any work: a conversion must not end unwritable
     checkpoint = out.parent / f".{out.name}.resume.npz"
-    model = convert(args.model, args.calib, config, checkpoint=checkpoint, resume=args.resume)
+    t0 = time.perf_counter()
+    model = pipeline.convert(args.model, args.calib, config, checkpoint=checkpoint, resume=args.resume)
     written = write_atomic(model, out, args.force)
     if config.run.progress:
         meta = {p.key: p.value for p in model.metadata_props}
@@ -128,7 +128,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(
             f"wrote {' + '.join(str(p) for p in reversed(written))}: method={config.rounding.method} "
             f"w_bits={w.w_bits} a_bits={a.a_bits} "
-            f"{'per-channel' if w.per_channel else 'per-tensor'}, {meta.get('qcb_onnx.seconds')} s"
+            f"{'per-channel' if w.per_channel else 'per-tensor'}, {time.perf_counter() - t0:.1f} s"
         )
         if "qcb_onnx.error_budget" in meta:
             print(budget_summary(json.loads(meta["qcb_onnx.error_budget"])))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CalibrationDataError, OutputExistsError, UsageError
+from ..errors import CalibrationDataError, OutputError, OutputExistsError, UsageError
 from ..output import write_atomic
 from ..text import one_line
 
@@ -167,7 +167,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise OutputExistsError(f"output {out} exists; pass --force to overwrite it")
     if not out.parent.exists():
-        raise UsageError(f"output folder does not exist: {out.parent}")
+        raise OutputError(f"output folder does not exist: {out.parent}")
     for name in ("epochs", "clean_epochs", "batch_size", "calib_size"):
         if getattr(args, name) < (0 if "epochs" in name else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

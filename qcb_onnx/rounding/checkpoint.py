@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import OutputError
+from ..text import one_line
 from .problem import LayerReport
 
 
@@ -50,9 +52,14 @@ class Checkpoint:
         arrays.update({f"shift/{name}": shift for name, (_, _, shift) in done.items() if shift is not None})
         reports = json.dumps([asdict(r) for _, r, _ in done.values()])
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, fingerprint=np.array(self.fingerprint), reports=np.array(reports), **arrays)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, fingerprint=np.array(self.fingerprint), reports=np.array(reports), **arrays)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"cannot write the checkpoint {self.path}: {one_line(exc)}") from None
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)

@@ -90,14 +90,27 @@ def prepare(problem: LayerProblem, damp: float = 0.01) -> tuple[torch.Tensor, to
     diag = torch.diagonal(A, dim1=-2, dim2=-1)
     order = torch.argsort(diag, dim=-1, descending=True)  # largest input energy first (GPTQ's act-order)
     A = _columns(_columns(A, order).transpose(1, 2), order)
-    ridge = damp * diag.mean(-1).clamp_min(1e-12)  # dead inputs (zero rows of A) stay solvable
-    A = A + ridge[:, None, None] * torch.eye(d, dtype=A.dtype, device=A.device)
-    chol = torch.linalg.cholesky(A)
+    chol = _damped_cholesky(A, diag.mean(-1).clamp_min(1e-12), damp)
     U = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     w = _columns(problem.weight.reshape(g, out // g, d), order)
     d_star = -torch.cholesky_solve(_columns(m.Q.double(), order).transpose(1, 2), chol).transpose(1, 2)  # -Q A^-1
     target = (w + d_star) / problem.scale.reshape(g, out // g, 1)
     return target, U, order
+
+
+def _damped_cholesky(A: torch.Tensor, scale: torch.Tensor, damp: float) -> torch.Tensor:
+    """Cholesky factor of A + damp * mean(diag A) * I (dead inputs, zero rows of A, stay solvable).
+    Rounding error can leave a second-moment matrix slightly indefinite: then damp 10x harder, up
+    to a ridge a thousand times the mean input energy, where any finite symmetric A is definite."""
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    while True:
+        chol, info = torch.linalg.cholesky_ex(A + (damp * scale)[:, None, None] * eye)
+        if not bool(info.any()) or damp >= 1e3:
+            break
+        damp *= 10
+    if bool(info.any()) or not bool(torch.isfinite(chol).all()):
+        raise ValueError("the layer's second-moment matrix is not finite")
+    return chol
 
 
 def _columns(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
