@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from .data import Preprocess
@@ -62,14 +64,21 @@ def _choice(name: str, value: Any, choices: tuple[str, ...], what: str = "") -> 
 
 @dataclass(frozen=True)
 class WeightScheme:
-    """ORT's symmetric weight grid: [-127, 127] at 8 bits, [-8, 7] at 4 (2..4 bits stored as INT4)."""
+    """What becomes integers, on ORT's symmetric weight grid: [-127, 127] at 8 bits, [-8, 7] at 4
+    (2..4 bits stored as INT4)."""
 
     w_bits: int = 8
     per_channel: bool = True
     int8_storage: bool = False  # 2..4-bit integers in INT8 tensors: ORT's CPU EP fuses those, not INT4
+    exclude: tuple[str, ...] = ()  # node names or op types left in float (weights and activations)
 
     def __post_init__(self) -> None:
         _integer("w_bits", self.w_bits, 2, 8)
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", tuple(e.strip() for e in self.exclude.split(",") if e.strip()))
+        if not all(isinstance(e, str) and e for e in self.exclude):
+            raise UsageError(f"--exclude takes node names or op types, got {self.exclude!r}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
 
     @property
     def storage(self) -> str:
@@ -155,6 +164,9 @@ class RunOptions:
             object.__setattr__(self, "providers", tuple(self.providers))
 
 
+# TOML has no null: the words a config file (and the CLI) uses where a field is None on purpose
+NONE_WORDS = {"a_bits": "none", "error_budget": "auto", "calib_size": "all"}
+
 SECTIONS = {
     "weights": WeightScheme,
     "activations": ActivationCalibration,
@@ -232,6 +244,49 @@ class QuantConfig:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError:
             raise UsageError("the model's qcb_onnx.config metadata is not JSON") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path, base: QuantConfig | None = None) -> QuantConfig:
+        """Options from a TOML file, flat (``w_bits = 4``) or in sections (``[weights]``), over `base`.
+        ``a_bits = "none"``, ``error_budget = "auto"``, ``calib_size = "all"`` stand for None."""
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"config file {path} is not TOML: {str(exc).splitlines()[0]}") from None
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in SECTIONS and isinstance(value, dict):
+                wrong = sorted(k for k in value if _SECTION_OF.get(k) != key)
+                if wrong:
+                    raise UsageError(f"config file {path}: [{key}] has no option {wrong[0]!r}")
+                flat.update(value)
+            else:
+                flat[key] = value
+        for key, value in flat.items():
+            if key in _SECTION_OF and isinstance(value, list):
+                flat[key] = tuple(value)
+            if NONE_WORDS.get(key) == value:
+                flat[key] = None
+        try:
+            return cls.from_options(base, **flat)
+        except UsageError as exc:
+            raise UsageError(f"config file {path}: {exc}") from None
+
+    def to_toml(self) -> str:
+        """This config as a TOML file `from_toml` reads back to an equal config."""
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                if value is None:
+                    if key not in NONE_WORDS:
+                        continue  # None is that field's default
+                    value = NONE_WORDS[key]
+                lines.append(f"{key} = {json.dumps(value)}")
+            lines.append("")
+        return "\n".join(lines)
 
     def fingerprint(self) -> dict[str, Any]:
         """What the integers depend on: every section but the run options other than the seed."""

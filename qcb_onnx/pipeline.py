@@ -54,6 +54,7 @@ class Conversion:
         overrides the emitted one, e.g. to switch single activation quantizers off."""
         gm, state = self.graph, state or self.state
         name = gm.input_names[0]
+        batch_size = _batch_size(input_specs(self.model), batch_size)
         batches = ({name: torch.from_numpy(x[i : i + batch_size]).to(gm.device)} for i in range(0, len(x), batch_size))
         return np.concatenate([out.cpu().numpy() for out in state.outputs(gm, batches)])
 
@@ -108,6 +109,7 @@ def quantize(
         gm.output_names,
         _float_tensors(gm, batches()[0]),
         quantize_activations=a.a_bits is not None,
+        exclude=frozenset(w.exclude),
     )
 
     # calibrate (and refuse data that overflows float32 arithmetic, naming the tensor)

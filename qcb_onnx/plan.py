@@ -11,6 +11,15 @@ ORT's sees the same graph structure and ORT's CPU EP fuses it the same way (QLin
   that output's Q/DQ pair (its uint zero point is 0, so the Q clamps exactly like Relu), as ORT
   does; left in place, DQ->Relu->Q blocks ORT's integer fusion.
 
+Where we leave ORT's default on purpose: inside an exported GELU (Div -> Erf -> Add -> Mul -> Mul,
+whose Add and Muls ORT would quantize) nothing gets a Q/DQ pair, as inside LayerNormalization and
+Gelu ops: Q/DQ between the pieces of a transformer block's activation costs accuracy in ORT and
+buys no speed (a known complaint about quantize_static on ViTs); what feeds a quantized op (the
+next Linear) is still quantized, as ORT does.  Constant operands of Add/Mul (a ConvNeXt layer
+scale, a ViT position embedding), which ORT stores as int8, stay float here: they are not the
+weights a QCB rounds.  `exclude` (node names or op types, ORT's nodes_to_exclude /
+op_types_to_quantize) leaves more in float.
+
 The plan is pure structure (names only); numbers live in `calibrate` and `rounding`.
 """
 
@@ -23,7 +32,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import numpy_helper
 
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, UsageError
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 # ops whose inputs and outputs ORT's default QDQ quantize_static quantizes with their own ranges
@@ -98,10 +107,38 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def find_layers(nodes: list[onnx.NodeProto], initializers: dict[str, onnx.TensorProto]) -> list[Layer]:
+def _excluded(node: onnx.NodeProto, exclude: frozenset[str]) -> bool:
+    return node.name in exclude or node.op_type in exclude
+
+
+def gelu_nodes(nodes: list[onnx.NodeProto]) -> set[int]:
+    """Indices of the Add and Mul nodes of each exported GELU, x * 0.5 * (1 + erf(x / sqrt(2)))
+    (Div -> Erf -> Add -> Mul -> Mul, the TorchScript exporter's form), found from its Erf."""
+    consumers: dict[str, list[int]] = defaultdict(list)
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            consumers[name].append(i)
+    found: set[int] = set()
+    for node in nodes:
+        if node.op_type != "Erf":
+            continue
+        adds = [i for i in consumers[node.output[0]] if nodes[i].op_type == "Add"]
+        for a in adds:
+            muls = [i for i in consumers[nodes[a].output[0]] if nodes[i].op_type == "Mul"]
+            halves = [j for m in muls for j in consumers[nodes[m].output[0]] if nodes[j].op_type == "Mul"]
+            if muls:
+                found.update([a, *muls, *halves])
+    return found
+
+
+def find_layers(
+    nodes: list[onnx.NodeProto], initializers: dict[str, onnx.TensorProto], exclude: frozenset[str] = frozenset()
+) -> list[Layer]:
     layers = []
     for i, node in enumerate(nodes):
         if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        if _excluded(node, exclude):
             continue
         w = initializers[node.input[1]]
         if w.data_type != onnx.TensorProto.FLOAT:
@@ -164,14 +201,26 @@ def build_plan(
     graph_outputs: list[str],
     float_tensors: set[str],
     quantize_activations: bool,
+    exclude: frozenset[str] = frozenset(),
 ) -> QuantPlan:
-    """Decide the Q/DQ placement over a topologically sorted, normalized node list."""
-    layers = find_layers(nodes, initializers)
+    """Decide the Q/DQ placement over a topologically sorted, normalized node list; nodes named in
+    `exclude` (by name or op type) stay in float, weights and activations."""
+    present = {n.name for n in nodes} | {n.op_type for n in nodes}
+    unknown = sorted(e for e in exclude if e not in present and not onnx.defs.has(e))  # an op type may be absent
+    if unknown:
+        raise UsageError(f"--exclude {unknown[0]!r} is no node name of the (normalized) model and no ONNX op type")
+    layers = find_layers(nodes, initializers, exclude)
     if not layers:
         raise UnsupportedModelError("model has no Conv, Gemm or MatMul with a constant float weight to quantize")
     plan = QuantPlan(layers, [])
     if not quantize_activations:
         return plan
+    in_float = gelu_nodes(nodes) | {i for i, n in enumerate(nodes) if _excluded(n, exclude)}
+    quantized_ids = {id(n) for i, n in enumerate(nodes) if n.op_type in QUANTIZED_OPS and i not in in_float}
+
+    def quantized(node: onnx.NodeProto) -> bool:
+        return id(node) in quantized_ids
+
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in nodes:
         for name in node.input:
@@ -188,11 +237,12 @@ def build_plan(
             order[name] = len(order)
 
     for name in graph_inputs:
-        if any(c.op_type in QUANTIZED_OPS for c in consumers[name]):
+        if any(quantized(c) for c in consumers[name]):
             mark(name)
     for node in nodes:
         producer = producers.get(node.input[0])
-        if folds_into_q(node, initializers) and producer is not None and producer.op_type in QUANTIZED_OPS - {"Relu"}:
+        foldable = folds_into_q(node, initializers) and not _excluded(node, exclude)
+        if foldable and producer is not None and quantized(producer) and producer.op_type != "Relu":
             src = node.input[0]
             if len(consumers[src]) == 1 and src not in graph_outputs:
                 plan.removed_relus[node.output[0]] = src
@@ -201,12 +251,12 @@ def build_plan(
                 mark(src)
                 mark(node.output[0])
                 continue
-        if node.op_type in QUANTIZED_OPS:
+        if quantized(node):
             for name in list(node.input) + list(node.output):
                 if node.op_type in LAYER_OPS and name in node.input[1:]:
                     continue  # weights and biases are quantized as integers, not as activations
                 mark(name)
-        elif node.op_type in PASS_THROUGH_OPS and node.input[0] in order:
+        elif node.op_type in PASS_THROUGH_OPS and node.input[0] in order and not _excluded(node, exclude):
             for name in node.output:
                 if is_activation(name):
                     mark(name)

@@ -18,17 +18,10 @@ def _convert_parser():
 
 
 def test_every_option_is_a_cli_flag_and_back():
-    """The convert parser's destinations are exactly the config's option names (plus the command's own
-    model/calib/out/force/resume/verbose; `check` is API-only): a new field cannot miss its flag or vice versa."""
-    dests = {a.dest for a in _convert_parser()._actions} - {
-        "help",
-        "model",
-        "calib",
-        "out",
-        "force",
-        "resume",
-        "verbose",
-    }
+    """The convert parser's destinations are exactly the config's option names, plus the command's own
+    (`check` is API-only): a new field cannot miss its flag or vice versa."""
+    own = {"help", "model", "calib", "out", "config", "force", "resume", "verbose"}
+    dests = {a.dest for a in _convert_parser()._actions} - own
     assert dests == set(QuantConfig.option_names()) - {"check"}
 
 
@@ -130,3 +123,58 @@ def test_output_reproduces_from_its_own_metadata(qcb_model, digits):
     for t in again.graph.initializer:
         if t.name in ints:
             assert np.array_equal(onnx.numpy_helper.to_array(t), ints[t.name]), t.name
+
+
+def test_config_file_and_flags(tmp_path, capsys, qcb_model, calib_npy):
+    """`--config` reads a TOML file (flat or in sections), flags given on the command line override it,
+    and `info --toml` prints an output's config as a file that converts the model to the same bytes."""
+    from qcb_onnx.cli import main
+
+    cfg = tmp_path / "qcb.toml"
+    cfg.write_text('method = "nearest"\n[weights]\nw_bits = 4\nper_channel = false\n[activations]\ncalib_size = 64\n')
+    args = build_parser().parse_args(
+        ["convert", "m", "--calib", "c", "--out", "o", "--config", str(cfg), "--w-bits", "8"]
+    )
+    config = config_from_args(args)
+    assert (config.rounding.method, config.weights.w_bits, config.weights.per_channel) == ("nearest", 8, False)
+    assert config.activations.calib_size == 64
+
+    out = tmp_path / "out.onnx"
+    run = ["--quiet", "--providers", "cpu"]
+    assert (
+        main(["convert", str(qcb_model), "--calib", str(calib_npy), "--out", str(out), "--config", str(cfg), *run]) == 0
+    )
+    capsys.readouterr()
+    assert main(["info", str(out), "--toml"]) == 0
+    (tmp_path / "again.toml").write_text(capsys.readouterr().out)
+    again = tmp_path / "again.onnx"
+    argv = [
+        "convert",
+        str(qcb_model),
+        "--calib",
+        str(calib_npy),
+        "--out",
+        str(again),
+        "--config",
+        str(tmp_path / "again.toml"),
+    ]
+    assert main([*argv, *run]) == 0
+    assert again.read_bytes() == out.read_bytes()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "quantized: yes" in text and "qcb-onnx output: version" in text
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("w_bits = 9\n", "--w-bits"),
+        ("[weights]\nmethod = 'x'\n", "[weights] has no option 'method'"),
+        ("w_bits = \n", "not TOML"),
+    ],
+)
+def test_bad_config_file(tmp_path, text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        QuantConfig.from_toml(path)

@@ -430,3 +430,15 @@ def test_image_symlinked_outside_the_folder_is_refused(capsys, tmp_path):
     )
     _one_line_error(code, err, CalibrationDataError.exit_code, "b.png", "outside")
     _only(out)
+
+
+def test_exclude_names_must_exist(capsys, tmp_path):
+    """--exclude with a name that is neither a node nor an ONNX op type: exit 2 before any work; a real
+    op type absent from the model is fine (generic lists work across models)."""
+    code, err = _convert(capsys, SAMPLE, tmp_path / "out.onnx", "--exclude", "features.9/Conv")
+    _one_line_error(code, err, UsageError.exit_code, "features.9/Conv")
+    _only(tmp_path)
+    code, err = _convert(capsys, SAMPLE, tmp_path / "out.onnx", "--exclude", "LSTM,Gemm")
+    assert code == 0, err
+    names = {t.name for t in onnx.load(tmp_path / "out.onnx").graph.initializer}
+    assert "classifier.weight" in names and "classifier.weight_quantized" not in names

@@ -1,7 +1,8 @@
-"""`python -m qcb_onnx convert MODEL --calib CALIB --out OUT [options]`.
+"""`python -m qcb_onnx convert MODEL --calib CALIB --out OUT [--config FILE.toml] [options]`.
 
-Every option's `dest` is its `QuantConfig` option name, so the parsed arguments become the config
-in one step (`QuantConfig.from_options`) and a new config field is one new `add_argument` here.
+Every option's `dest` is its `QuantConfig` option name and no option has a parser default (the
+config's defaults are the only ones), so the namespace holds exactly the flags given: they override
+`--config`'s file, which overrides the defaults, in one step (`QuantConfig.from_options`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,23 @@ from .args import bits_or_none, number_or
 def add_convert_parser(sub) -> argparse.ArgumentParser:
     from ..rounding import METHODS
 
-    c = sub.add_parser("convert", help="FP32 ONNX -> QDQ ONNX with EFRAP (default), AdaRound or nearest rounding")
+    c = sub.add_parser(
+        "convert",
+        help="FP32 ONNX -> QDQ ONNX with EFRAP (default), AdaRound or nearest rounding",
+        argument_default=argparse.SUPPRESS,  # absent = not given: the config file or the config's default
+    )
     c.add_argument("model", help="FP32 .onnx file")
     c.add_argument("--calib", required=True, help=".npy, .npz, image folder or .tar[.gz] ImageFolder (path[:split])")
     c.add_argument("--out", required=True, help="output .onnx path")
+    c.add_argument(
+        "--config",
+        default=None,
+        help="TOML file of options (flat or in [weights]/[activations]/[rounding]/[run] sections); flags override it",
+    )
     # weights
-    c.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8 (default 8)")
+    c.add_argument("--w-bits", type=int, help="weight bits, 2..8 (default 8)")
     g = c.add_mutually_exclusive_group()
-    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True, help="(default)")
+    g.add_argument("--per-channel", dest="per_channel", action="store_true", help="(default)")
     g.add_argument("--per-tensor", dest="per_channel", action="store_false")
     c.add_argument(
         "--int8-storage",
@@ -34,28 +44,30 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
         help="store 2-4 bit weights in INT8 tensors (same integers): ORT's CPU EP then fuses them into "
         "QLinearConv/QGemm, which it does not do for INT4 (see BENCHMARKS.md)",
     )
+    c.add_argument(
+        "--exclude",
+        help="node names or op types to leave in float, comma-separated (ORT's nodes_to_exclude / "
+        "op_types_to_quantize): neither their weights nor their activations are quantized",
+    )
     # activations
-    c.add_argument("--a-bits", type=bits_or_none, default=8, help="activation bits: 8, 4 or none (default 8)")
-    c.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax")
+    c.add_argument("--a-bits", type=bits_or_none, help="activation bits: 8, 4 or none (default 8)")
+    c.add_argument("--calib-method", choices=CALIB_METHODS)
     c.add_argument(
         "--act-headroom",
         type=float,
-        default=None,
         help="stretch calibrated activation ranges by this factor, so values a trigger drives past what "
         "the calibration set showed are not clipped; 1 = ORT's ranges (default: 2 at 8-bit activations, 1 at 4)",
     )
-    c.add_argument("--calib-size", type=int, default=1024, help="calibration samples drawn (seeded) (default 1024)")
-    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--calib-size", type=int, help="calibration samples drawn (seeded) (default 1024)")
+    c.add_argument("--batch-size", type=int)
     c.add_argument(
         "--preprocess",
-        default=None,
         help="for image data: size=HxW,scale=..,mean=a/b/c,std=a/b/c,layout=NCHW",
     )
     # rounding
     c.add_argument(
         "--method",
         choices=list(METHODS),
-        default="efrap",
         help="efrap (default: one sequential rounding pass per strength, seconds per layer), adaround, "
         "nearest, or efrap-official: the official data-driven Adam schedule (10,000 steps per layer by "
         "default), for reference: hours on a CPU",
@@ -63,13 +75,11 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
     c.add_argument(
         "--strength",
         type=float,
-        default=None,
         help="EFRAP flipping coefficient; default: per-layer search within --error-budget",
     )
     c.add_argument(
         "--error-budget",
         type=number_or("auto", float),
-        default=None,
         help="auto strength: share of the reconstruction-error gap between rounding without pull and "
         "nearest that flipping may spend, per layer; default auto: 0.25, shrunk per model until the "
         "calibration images' top-1 agreement with FP32 is within 2 points of rounding without pull's",
@@ -77,39 +87,44 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
     c.add_argument(
         "--guide",
         choices=GUIDES,
-        default="element",
         help="flip guidance: element-wise |e| (official code) or neuron-wise ||e_i|| (paper)",
     )
-    c.add_argument("--max-rows", type=int, default=1 << 16, help="input rows sampled per layer for the moments")
+    c.add_argument("--max-rows", type=int, help="input rows sampled per layer for the moments")
     c.add_argument(
         "--iters",
         type=int,
-        default=None,
         help="Adam steps per layer for adaround (default 1000) and efrap-official (default 10000)",
     )
-    c.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3 * 10000 / iters)")
+    c.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3 * 10000 / iters)")
     c.add_argument(
         "--reg-weight",
         type=float,
-        default=3.0,
         help="AdaRound's rounding regulariser weight, in units of nearest rounding's error (default 3)",
     )
-    c.add_argument("--beta", type=float, default=None, help="AdaRound: fixed regulariser exponent (default 20->2)")
+    c.add_argument("--beta", type=float, help="AdaRound: fixed regulariser exponent (default 20->2)")
     # run
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", choices=DEVICES, default="auto", help="torch device")
-    c.add_argument("--providers", default="auto", help="ORT providers for verification: auto, cpu, cuda or EP list")
+    c.add_argument("--seed", type=int)
+    c.add_argument("--device", choices=DEVICES, help="torch device")
+    c.add_argument("--providers", help="ORT providers for verification: auto, cpu, cuda or EP list")
     c.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars or summary")
-    c.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    c.add_argument("--force", action="store_true", default=False, help="overwrite --out if it exists")
     c.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run from its per-layer checkpoint next to --out"
+        "--resume",
+        action="store_true",
+        default=False,
+        help="continue an interrupted run from its per-layer checkpoint next to --out",
     )
     return c
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
-    """The parsed options as a config: every option name the namespace holds, taken as parsed."""
-    return QuantConfig.from_options(**{n: getattr(args, n) for n in QuantConfig.option_names() if hasattr(args, n)})
+    """The defaults (progress bars on, as a command line shows them), then the --config file, then
+    every flag given."""
+    base = QuantConfig.from_options(progress=True)
+    if getattr(args, "config", None):
+        base = QuantConfig.from_toml(args.config, base)
+    given = {n: getattr(args, n) for n in QuantConfig.option_names() if hasattr(args, n)}
+    return QuantConfig.from_options(base, **given)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

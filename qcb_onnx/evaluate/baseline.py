@@ -40,7 +40,7 @@ def ort_quantize(
         quantize_static(
             str(src),
             str(dst),
-            _ArrayReader(_input_name(model), calib),
+            _ArrayReader(_input_name(model), calib, _static_batch(model) or 64),
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
             activation_type=QuantType.QUInt8 if a_bits == 8 else QuantType.QUInt4,
@@ -60,6 +60,14 @@ def _quiet_root_logger():
         yield
     finally:
         root.setLevel(level)
+
+
+def _static_batch(model: onnx.ModelProto) -> int | None:
+    """The batch dimension the model's data input declares, when it is a number (dynamo exports: 1)."""
+    inits = {t.name for t in model.graph.initializer}
+    value = next(i for i in model.graph.input if i.name not in inits)
+    dims = value.type.tensor_type.shape.dim
+    return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
 
 
 def _input_name(model: onnx.ModelProto) -> str:

@@ -29,7 +29,9 @@ class Score:
 
 def predict(model: onnx.ModelProto | str, x: np.ndarray, providers="auto", batch_size: int = 256) -> np.ndarray:
     sess = session(model if isinstance(model, onnx.ModelProto) else str(model), providers)
-    name = sess.get_inputs()[0].name
+    name, batch = sess.get_inputs()[0].name, sess.get_inputs()[0].shape[0]
+    if isinstance(batch, int) and batch > 0:  # a static batch dimension (dynamo exports: 1)
+        batch_size = batch
     out = [sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(out).reshape(len(x), -1).argmax(1)
 
