@@ -28,11 +28,7 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("model", help="FP32 .onnx file")
     c.add_argument("--calib", required=True, help=".npy, .npz, image folder or .tar[.gz] ImageFolder (path[:split])")
     c.add_argument("--out", required=True, help="output .onnx path")
-    c.add_argument(
-        "--config",
-        default=None,
-        help="TOML file of options (flat or in [weights]/[activations]/[rounding]/[run] sections); flags override it",
-    )
+    c.add_argument("--config", default=None, help="TOML file of options (flat or in sections); flags override it")
     # weights
     c.add_argument("--w-bits", type=int, help="weight bits, 2..8 (default 8)")
     g = c.add_mutually_exclusive_group()
@@ -60,10 +56,7 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
     )
     c.add_argument("--calib-size", type=int, help="calibration samples drawn (seeded) (default 1024)")
     c.add_argument("--batch-size", type=int)
-    c.add_argument(
-        "--preprocess",
-        help="for image data: size=HxW,scale=..,mean=a/b/c,std=a/b/c,layout=NCHW",
-    )
+    c.add_argument("--preprocess", help="for image data: size=HxW,scale=..,mean=a/b/c,std=a/b/c,layout=NCHW")
     # rounding
     c.add_argument(
         "--method",
@@ -84,23 +77,11 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
         "nearest that flipping may spend, per layer; default auto: 0.25, shrunk per model until the "
         "calibration images' top-1 agreement with FP32 is within 2 points of rounding without pull's",
     )
-    c.add_argument(
-        "--guide",
-        choices=GUIDES,
-        help="flip guidance: element-wise |e| (official code) or neuron-wise ||e_i|| (paper)",
-    )
+    c.add_argument("--guide", choices=GUIDES, help="flip guidance: |e| per weight (official) or ||e_i|| (paper)")
     c.add_argument("--max-rows", type=int, help="input rows sampled per layer for the moments")
-    c.add_argument(
-        "--iters",
-        type=int,
-        help="Adam steps per layer for adaround (default 1000) and efrap-official (default 10000)",
-    )
+    c.add_argument("--iters", type=int, help="Adam steps per layer: adaround 1000, efrap-official 10000")
     c.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3 * 10000 / iters)")
-    c.add_argument(
-        "--reg-weight",
-        type=float,
-        help="AdaRound's rounding regulariser weight, in units of nearest rounding's error (default 3)",
-    )
+    c.add_argument("--reg-weight", type=float, help="AdaRound's regulariser weight, in nearest's error (default 3)")
     c.add_argument("--beta", type=float, help="AdaRound: fixed regulariser exponent (default 20->2)")
     # run
     c.add_argument("--seed", type=int)
