@@ -92,6 +92,14 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def batch_size_for(specs: list[InputSpec], wanted: int) -> int:
+    """`wanted`, or the batch dimension the model's inputs declare when it is static: a model exported
+    for batch 1 (the dynamo exporter's default) may reshape with that 1 built in, so it only computes
+    right on such batches."""
+    static = {spec.shape[0] for spec in specs if spec.shape and spec.shape[0]}
+    return static.pop() if len(static) == 1 else wanted
+
+
 # --------------------------------------------------------------------------------------------------
 # Preprocessing
 

@@ -22,7 +22,7 @@ from . import __version__, large
 from .calibrate import calibrate_activations, check_calibration
 from .capture import GraphModule
 from .config import QuantConfig
-from .data import input_specs, load_calibration
+from .data import batch_size_for, input_specs, load_calibration
 from .emit import emit_qdq
 from .errors import CalibrationDataError
 from .load import default_opset, load_model
@@ -54,7 +54,7 @@ class Conversion:
         overrides the emitted one, e.g. to switch single activation quantizers off."""
         gm, state = self.graph, state or self.state
         name = gm.input_names[0]
-        batch_size = _batch_size(input_specs(self.model), batch_size)
+        batch_size = batch_size_for(input_specs(self.model), batch_size)
         batches = ({name: torch.from_numpy(x[i : i + batch_size]).to(gm.device)} for i in range(0, len(x), batch_size))
         return np.concatenate([out.cpu().numpy() for out in state.outputs(gm, batches)])
 
@@ -101,7 +101,7 @@ def quantize(
     specs = input_specs(normalized)
     arrays = load_calibration(calibration, specs, preprocess=a.preprocess, limit=a.calib_size, seed=run.seed)
     n_images = len(next(iter(arrays.values())))
-    batches = _batcher(arrays, _batch_size(specs, a.batch_size), dev)
+    batches = _batcher(arrays, batch_size_for(specs, a.batch_size), dev)
     plan = build_plan(
         gm.nodes,
         {t.name: t for t in normalized.graph.initializer},
@@ -203,13 +203,6 @@ def _fingerprint(model: onnx.ModelProto, arrays: dict[str, np.ndarray], options:
         h.update(np.ascontiguousarray(arrays[name]).tobytes())
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
     return h.hexdigest()
-
-
-def _batch_size(specs: list, wanted: int) -> int:
-    """The configured batch size, or the batch dimension the model declares if it is static: a model
-    exported for batch 1 may reshape with that 1 built in, so it only computes right on such batches."""
-    static = {spec.shape[0] for spec in specs if spec.shape and spec.shape[0] is not None}
-    return static.pop() if len(static) == 1 else wanted
 
 
 def _batcher(arrays: dict[str, np.ndarray], batch_size: int, dev: torch.device):

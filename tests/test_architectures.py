@@ -29,41 +29,32 @@ tv = pytest.importorskip("qcb_onnx.redteam.torchvision_shim").import_torchvision
 SIZE = 32
 
 
+def _classifier(*body: nn.Module, channels: int) -> nn.Module:
+    """`body` on 32x32 RGB, then global pooling and a 10-class Linear: the head every pattern shares."""
+    return nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
+
+
 def _se_hardswish() -> nn.Module:
     from torchvision.models.mobilenetv3 import InvertedResidual, InvertedResidualConfig
 
     cfg = InvertedResidualConfig(16, 3, 32, 16, True, "HS", 1, 1, 1.0)  # SE + hardswish
-    return nn.Sequential(
-        tv.ops.Conv2dNormActivation(3, 16, 3, stride=2, activation_layer=nn.Hardswish),
-        InvertedResidual(cfg, nn.BatchNorm2d),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
+    stem = tv.ops.Conv2dNormActivation(3, 16, 3, stride=2, activation_layer=nn.Hardswish)
+    return _classifier(stem, InvertedResidual(cfg, nn.BatchNorm2d), channels=16)
 
 
 def _channel_shuffle() -> nn.Module:
     from torchvision.models.shufflenetv2 import InvertedResidual
 
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        InvertedResidual(16, 32, 2),
-        InvertedResidual(32, 32, 1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(32, 10),
+    return _classifier(
+        nn.Conv2d(3, 16, 3, padding=1), InvertedResidual(16, 32, 2), InvertedResidual(32, 32, 1), channels=32
     )
 
 
 def _convnext_block() -> nn.Module:
     from torchvision.models.convnext import CNBlock
 
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 4, stride=4),
-        CNBlock(16, layer_scale=0.5, stochastic_depth_prob=0.0),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
+    return _classifier(
+        nn.Conv2d(3, 16, 4, stride=4), CNBlock(16, layer_scale=0.5, stochastic_depth_prob=0.0), channels=16
     )
 
 

@@ -12,6 +12,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from .. import large
+from ..data import batch_size_for, input_specs
 from ..errors import UsageError
 from ..load import default_opset
 
@@ -40,7 +41,7 @@ def ort_quantize(
         quantize_static(
             str(src),
             str(dst),
-            _ArrayReader(_input_name(model), calib, _static_batch(model) or 64),
+            _ArrayReader(_input_name(model), calib, batch_size_for(input_specs(model), 64)),
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
             activation_type=QuantType.QUInt8 if a_bits == 8 else QuantType.QUInt4,
@@ -60,14 +61,6 @@ def _quiet_root_logger():
         yield
     finally:
         root.setLevel(level)
-
-
-def _static_batch(model: onnx.ModelProto) -> int | None:
-    """The batch dimension the model's data input declares, when it is a number (dynamo exports: 1)."""
-    inits = {t.name for t in model.graph.initializer}
-    value = next(i for i in model.graph.input if i.name not in inits)
-    dims = value.type.tensor_type.shape.dim
-    return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
 
 
 def _input_name(model: onnx.ModelProto) -> str:
