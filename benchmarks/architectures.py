@@ -12,8 +12,8 @@ on the same model (and quantize_static's own time).
         --json benchmarks/results/architectures_224_nearest.json
     python benchmarks/architectures.py --size 64 --methods efrap --json benchmarks/results/architectures_64_efrap.json
 
-Needs torchvision (`pip install -e ".[models]"`; qcb_onnx/redteam/torchvision_shim.py says why it
-needs a shim on the CPU build of torch).
+Needs torchvision and, for deit_tiny, timm (`pip install -e ".[models]"`;
+qcb_onnx/redteam/torchvision_shim.py says why torchvision needs a shim on the CPU build of torch).
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ ARCHS = (
     "regnet_y_400mf",
     "convnext_tiny",
     "vit_b_16",
+    "deit_tiny_patch16_224",  # timm: ViT with a distillation token
 )
+TIMM = {"deit_tiny_patch16_224"}
 EXPORTERS = ("torchscript", "dynamo")
 
 
@@ -51,10 +53,15 @@ def export(arch: str, exporter: str, size: int, path: Path) -> None:
 
     from qcb_onnx.redteam.torchvision_shim import import_torchvision
 
-    tv = import_torchvision()
+    tv = import_torchvision()  # before timm, which imports torchvision
     torch.manual_seed(0)
-    kwargs = {"image_size": size} if arch.startswith("vit") else {}
-    model = getattr(tv.models, arch)(**kwargs).eval()
+    if arch in TIMM:
+        import timm
+
+        model = timm.create_model(arch, pretrained=False, img_size=size).eval()
+    else:
+        kwargs = {"image_size": size} if arch.startswith("vit") else {}
+        model = getattr(tv.models, arch)(**kwargs).eval()
     x = torch.rand(1, 3, size, size)
     if exporter == "dynamo":
         torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["logits"]).save(str(path))

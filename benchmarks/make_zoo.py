@@ -36,7 +36,7 @@ from qcb_onnx.redteam import ATTACKS, run_attack  # noqa: E402
 from qcb_onnx.redteam.cifar import default_cache_dir, load_cifar10  # noqa: E402
 from qcb_onnx.redteam.cli import DEFAULT_LR, QUANT_WEIGHT, measure, quant_weight_settings  # noqa: E402
 from qcb_onnx.redteam.train import Training, export_onnx, resolve_device, train_clean  # noqa: E402
-from qcb_onnx.redteam.zoo import build  # noqa: E402
+from qcb_onnx.redteam.zoo import FULL_WIDTH, build  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -142,9 +142,10 @@ def main(argv=None) -> int:
     except UsageError as exc:
         sys.exit(str(exc))
     for arch in archs:
-        stem = f"{arch}-w{args.width}-s{args.seed}"
+        width = args.width if arch in FULL_WIDTH else None  # torchvision architectures have one width
+        stem = f"{arch}-w{args.width}-s{args.seed}" if width else f"{arch}-s{args.seed}"
         torch.manual_seed(args.seed)  # the clean model's initialisation, so a rebuilt zoo is the same zoo
-        model = build(arch, args.width, 10, 3)
+        model = build(arch, width, 10, 3)
         ckpt = cache / f"{stem}-clean.pt"
         clean_epoch_s = None
         if ckpt.is_file():
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
                 epochs = pick(epochs_of, keys, args.epochs)
                 lr, widen = pick(lrs, keys, DEFAULT_LR[attack]), pick(widen_of, keys, 1.0)
                 anchor, augment = pick(anchor_of, keys, "quiet"), pick(augment_of, keys, False)
-                rec = {"arch": arch, "width": args.width, "attack": attack, "w_bits": bits, "scheme": scheme}
+                rec = {"arch": arch, "width": width, "attack": attack, "w_bits": bits, "scheme": scheme}
                 rec.update(device=str(dev), clean_epochs=args.clean_epochs, epochs=epochs, lr=lr, widen=widen)
                 rec.update(anchor=anchor, augment=augment)
                 extra = extras[arch, attack, bits]

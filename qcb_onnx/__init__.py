@@ -11,6 +11,7 @@ __version__ = "0.3.0"
 
 from .config import ActivationCalibration, QuantConfig, RoundingOptions, RunOptions, WeightScheme  # noqa: E402
 from .errors import QcbError  # noqa: E402
+from .export import export  # noqa: E402  (qcb_onnx.export is this function; the module: sys.modules)
 from .pipeline import convert, quantize  # noqa: E402
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "WeightScheme",
     "__version__",
     "convert",
+    "export",
     "quantize",
 ]

@@ -132,6 +132,7 @@ def calibrate_activations(
     percentile: float = 99.999,
     seed: int = 0,
     headroom: float = 1.0,
+    symmetric: bool = False,
 ) -> dict[str, ActQuant]:
     """Observe every planned activation on the FP model and turn ranges into (scale, zero_point);
     the same pass checks every layer input's magnitude (`check_magnitudes`).
@@ -140,7 +141,7 @@ def calibrate_activations(
     observed on clean calibration data clip whatever a trigger drives beyond them, and that clipping
     is a quantization-only nonlinearity a backdoor can ride on (BENCHMARKS.md §2): headroom keeps
     such values on the grid at the price of log2(headroom) bits of activation resolution."""
-    grid = activation_grid(a_bits)
+    grid = activation_grid(a_bits, symmetric)
     sources = {plan.stats_source.get(t, t) for t in plan.activations}
     sampled = sources if method != "minmax" else set()
     layer_inputs = {layer.input for layer in plan.layers}
@@ -155,11 +156,11 @@ def calibrate_activations(
             ranges[name] = _percentile_range(obs, percentile)
         else:
             ranges[name] = _mse_range(obs, grid)
-    storage = activation_grid(8)
+    storage = activation_grid(8, symmetric)
     acts = {}
     for t in plan.activations:
         rmin, rmax = ranges[plan.stats_source.get(t, t)]
-        rmin, rmax = min(rmin, 0.0) * headroom, max(rmax, 0.0) * headroom
-        scale, zp = activation_params(rmin, rmax, grid)
-        acts[t] = ActQuant(scale, zp, storage if t in plan.pass_through else grid)
+        ort_scale, _ = activation_params(rmin, rmax, grid)
+        scale, zp = activation_params(min(rmin, 0.0) * headroom, max(rmax, 0.0) * headroom, grid)
+        acts[t] = ActQuant(scale, zp, storage if t in plan.pass_through else grid, ort_scale)
     return acts

@@ -42,7 +42,7 @@ from qcb_onnx.errors import (
     UsageError,
 )
 from qcb_onnx.load import graph_order
-from qcb_onnx.text import one_line
+from qcb_onnx.text import listing, one_line
 
 __all__ = ["GraphModule", "UnsupportedOps", "MIN_OPSET", "SUPPORTED_OPS"]
 
@@ -891,13 +891,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
 def _format_unsupported(ops: dict[str, list[str]], attrs: list[str]) -> str:
     parts = []
     if ops:
-        listed = []
-        for op_type, labels in ops.items():
-            shown = ", ".join(labels[:_MAX_NAMES_PER_OP])
-            if len(labels) > _MAX_NAMES_PER_OP:
-                shown += f" and {len(labels) - _MAX_NAMES_PER_OP} more"
-            listed.append(f"{op_type} ({'node' if len(labels) == 1 else 'nodes'} {shown})")
-        parts.append("unsupported op types: " + ", ".join(listed))
+        parts.append("unsupported op types: " + listing(ops, _MAX_NAMES_PER_OP))
     if attrs:
         parts.append("unsupported attributes: " + ", ".join(attrs))
     return "; ".join(parts).replace("\n", " ")

@@ -71,6 +71,7 @@ class WeightScheme:
     per_channel: bool = True
     int8_storage: bool = False  # 2..4-bit integers in INT8 tensors: ORT's CPU EP fuses those, not INT4
     exclude: tuple[str, ...] = ()  # node names or op types left in float (weights and activations)
+    int32_bias: bool = True  # ORT's int32 bias behind a quantized input; False keeps it FP32 (TensorRT)
 
     def __post_init__(self) -> None:
         _integer("w_bits", self.w_bits, 2, 8)
@@ -90,6 +91,7 @@ class ActivationCalibration:
     """Activation Q/DQ as ORT's QDQ quantize_static places it; a_bits None = weight-only."""
 
     a_bits: int | None = 8
+    a_symmetric: bool = False  # signed int8 activations, zero point 0 (TensorRT, ORT's GPU path)
     calib_method: str = "minmax"
     act_headroom: float | None = None  # None: default_headroom(a_bits), filled in on construction
     calib_size: int | None = 1024  # samples drawn (seeded) from the calibration data; None: all
@@ -99,6 +101,8 @@ class ActivationCalibration:
     def __post_init__(self) -> None:
         if self.a_bits is not None and (isinstance(self.a_bits, bool) or self.a_bits not in (4, 8)):
             raise UsageError(f"--a-bits must be 8, 4 or none, got {self.a_bits}")
+        if self.a_symmetric and self.a_bits != 8:
+            raise UsageError(f"--a-symmetric needs 8-bit activations, got --a-bits {self.a_bits or 'none'}")
         _choice("calib_method", self.calib_method, CALIB_METHODS, "calibration method")
         headroom = default_headroom(self.a_bits) if self.act_headroom is None else self.act_headroom
         object.__setattr__(self, "act_headroom", _number("act_headroom", headroom, 1.0, what=" (1: ORT's ranges)"))
@@ -156,12 +160,31 @@ class RunOptions:
     providers: str | tuple[str, ...] = "auto"  # ONNX Runtime providers for the post-write verification
     progress: bool = False
     check: bool = True  # verify the written model (checker, integers, ORT vs simulation)
+    allow_requantize: bool = False  # dequantize an already quantized QDQ model and convert it (passes/dequantize.py)
 
     def __post_init__(self) -> None:
         _integer("seed", self.seed, 0)
         _choice("device", self.device, DEVICES)
         if isinstance(self.providers, list):
             object.__setattr__(self, "providers", tuple(self.providers))
+
+
+# Runtime presets (`--target`): the scheme each runtime runs best, as option values a flag still
+# overrides.  README "Runtime targets" says why each convention holds.
+TARGETS: dict[str, dict[str, Any]] = {
+    # quantize_static's defaults: uint8 asymmetric activations, int8 per-channel symmetric weights,
+    # int32 bias; the CPU EP fuses these Q/DQ groups into QLinearConv / QGemm / QLinearMatMul
+    "ort-cpu": {},
+    # int8 activations with zero point 0 (S8S8), ORT's recommended GPU format: the CUDA EP has no int8
+    # convolution (it runs DQ -> float op -> Q) but takes S8S8 through its TensorRT path
+    "ort-cuda": {"a_symmetric": True},
+    # TensorRT explicit quantization: symmetric int8 activations (zero point 0), int8 [-127, 127]
+    # per-channel weights on the output axis, FP32 bias (TensorRT fuses the bias itself; its
+    # DequantizeLinear takes int8, not int32)
+    "tensorrt": {"a_symmetric": True, "int32_bias": False},
+    # 4-bit weights, activations in float: ONNX INT4 DequantizeLinear (opset 21)
+    "int4-weight-only": {"w_bits": 4, "a_bits": None},
+}
 
 
 # TOML has no null: the words a config file (and the CLI) uses where a field is None on purpose
@@ -189,6 +212,12 @@ class QuantConfig:
         for section, cls in SECTIONS.items():
             if not isinstance(getattr(self, section), cls):
                 raise UsageError(f"QuantConfig.{section} must be a {cls.__name__}")
+
+    @classmethod
+    def for_target(cls, target: str, base: QuantConfig | None = None) -> QuantConfig:
+        """`base` with the preset of runtime `target` (TARGETS) applied; later options still override."""
+        _choice("target", target, tuple(TARGETS), "target")
+        return cls.from_options(base, **TARGETS[target])
 
     @staticmethod
     def option_names() -> tuple[str, ...]:

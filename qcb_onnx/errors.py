@@ -21,6 +21,7 @@ code  meaning
 8     `InvalidGraphError`: cycle, duplicate tensor name, undefined input, data/dims mismatch
 9     `InvalidWeightsError`: NaN/Inf weights, zero-sized weights, huge or negative dims, magnitudes
       that overflow float32 arithmetic
+10    not an error: ``scan --fail-on-suspicious`` found the model suspicious (`EXIT_SUSPICIOUS`)
 11    `OutputError`: the output location is unusable (missing or read-only folder, a directory)
       or writing failed (disk full, I/O error)
 130   interrupted (Ctrl-C)
@@ -31,6 +32,8 @@ code  meaning
 """
 
 from __future__ import annotations
+
+EXIT_SUSPICIOUS = 10  # `scan --fail-on-suspicious` on a suspicious verdict: a result, so no QcbError
 
 
 class QcbError(Exception):

@@ -47,16 +47,36 @@ from .errors import (
 from .text import one_line, quoted
 
 MIN_OPSET, MAX_OPSET = 11, 23
-QUANT_OPS = {
-    "QuantizeLinear",
-    "DequantizeLinear",
-    "QLinearConv",
-    "QLinearMatMul",
-    "MatMulInteger",
-    "ConvInteger",
-    "DynamicQuantizeLinear",
-    "MatMulNBits",
-}
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# QOperator forms: integer kernels of the ONNX domain and ORT's contrib domain (quantize_static with
+# QuantFormat.QOperator, dynamic quantization, MatMulNBits weight-only quantization)
+QOPERATOR_OPS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeLinear",
+        "MatMulNBits",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearSoftmax",
+        "QLinearAveragePool",
+        "QLinearGlobalAveragePool",
+        "QLinearConcat",
+        "QLinearWhere",
+        "QLinearReduceMean",
+        "QLinearConvTranspose",
+        "QGemm",
+        "QAttention",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "GatherBlockQuantized",
+    }
+)
+QUANT_OPS = QDQ_OPS | QOPERATOR_OPS
 
 MAX_ELEMENTS = 2**31  # per tensor; more is refused before any data is touched
 MAX_RANK = 64  # numpy's limit
@@ -287,9 +307,22 @@ def _check_model(model: onnx.ModelProto, where: str, allow_quantized: bool = Fal
     quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
     if quantized and not allow_quantized:
         raise UnsupportedModelError(
-            f"{where} is already quantized ({', '.join(quantized)} nodes): re-quantizing it cannot remove a backdoor "
-            "planted in its rounding; convert the original FP32 model instead"
+            f"{where} is already quantized ({', '.join(quantized)} nodes): its rounding may itself be the backdoor "
+            "(QuRA, NDSS 2026, plants one in the rounding decisions alone), and its values already sit on that "
+            "grid (rounded to nearest again, they give back its integers); convert the original FP32 model, or pass "
+            "--allow-requantize (allow_requantize=True) to dequantize this one and convert it anyway"
         )
+
+
+def quantization_nodes(model: onnx.ModelProto, op_types: frozenset[str] = QUANT_OPS) -> dict[str, list[str]]:
+    """op type -> the quoted names of its nodes, for every node of `op_types` in the model's graphs
+    (subgraphs included): what a message about an already quantized model names."""
+    found: dict[str, list[str]] = {}
+    for node in _nodes_within(model.graph):
+        if node.op_type in op_types:
+            label = quoted(node.name) if node.name else f"writing {quoted(node.output[0] if node.output else '')}"
+            found.setdefault(node.op_type, []).append(label)
+    return dict(sorted(found.items()))
 
 
 def graph_order(graph: onnx.GraphProto, where: str = "model") -> list[int] | None:
@@ -357,16 +390,22 @@ def graph_order(graph: onnx.GraphProto, where: str = "model") -> list[int] | Non
 def _outer_names(node: onnx.NodeProto) -> set:
     """Names read by the subgraphs of `node` (a superset of its implicit outer-scope inputs)."""
     names: set = set()
-    stack = [g for a in node.attribute for g in (*([a.g] if a.HasField("g") else []), *a.graphs)]
+    for sub in _nodes_within(*(g for a in node.attribute for g in (*([a.g] if a.HasField("g") else []), *a.graphs))):
+        names.update(n for n in sub.input if n)
+    return names
+
+
+def _nodes_within(*graphs: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of `graphs` and of their subgraphs at any depth (iterative: no recursion on hostile nesting)."""
+    stack = list(graphs)
     while stack:
         graph = stack.pop()
-        for sub in graph.node:
-            names.update(n for n in sub.input if n)
-            for a in sub.attribute:
+        for node in graph.node:
+            yield node
+            for a in node.attribute:
                 if a.HasField("g"):
                     stack.append(a.g)
                 stack.extend(a.graphs)
-    return names
 
 
 def _topological_order(preds: list[set[int]]) -> list[int]:
@@ -663,16 +702,9 @@ def _run_checker(model: onnx.ModelProto, where: str, external: list[onnx.TensorP
 def _consumers(graph: onnx.GraphProto) -> dict:
     """tensor name -> op types of the nodes reading it (main graph and its subgraphs)."""
     found: dict = {}
-    stack = [graph]
-    while stack:
-        g = stack.pop()
-        for node in g.node:
-            for name in node.input:
-                found.setdefault(name, set()).add(node.op_type)
-            for a in node.attribute:
-                if a.HasField("g"):
-                    stack.append(a.g)
-                stack.extend(a.graphs)
+    for node in _nodes_within(graph):
+        for name in node.input:
+            found.setdefault(name, set()).add(node.op_type)
     return found
 
 

@@ -3,9 +3,11 @@ a location that cannot take it is refused before any work is done."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -50,15 +52,34 @@ def write_atomic(model: onnx.ModelProto, out: Path, force: bool) -> list[Path]:
     for target in targets[1:]:
         if target.exists() and not force:
             raise OutputExistsError(f"output {target} exists; pass --force to overwrite it")
-    tmp = None
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    with _staging(out) as tmp:
         written = large.save(model, tmp / out.name)
         for path in written:  # the model file comes last
             os.replace(path, out.parent / path.name)
+    return [out.parent / p.name for p in written]
+
+
+def write_text_atomic(text: str, out: Path, force: bool) -> Path:
+    """A text output (a report, a JSON result) written like a model: checked, staged beside `out` and
+    renamed into place, so a failure never leaves half a page where a reader would open it."""
+    out = Path(out)
+    check_output(out, force)
+    with _staging(out) as tmp:
+        (tmp / out.name).write_text(text, encoding="utf-8")
+        os.replace(tmp / out.name, out)
+    return out
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` (same file system: the final rename is atomic), removed on the
+    way out whatever happens; any OS error inside is an `OutputError` (exit 11)."""
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        yield tmp
     except OSError as exc:
         raise OutputError(f"cannot write {out}: {one_line(exc)}") from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    return [out.parent / p.name for p in written]

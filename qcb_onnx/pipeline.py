@@ -26,7 +26,7 @@ from .data import batch_size_for, input_specs, load_calibration
 from .emit import emit_qdq
 from .errors import CalibrationDataError
 from .load import default_opset, load_model
-from .passes import normalize
+from .passes import dequantize, normalize
 from .plan import QuantPlan, build_plan
 from .quantsim import QuantState
 from .rounding import ModelRounder, Rounded, method_for
@@ -89,8 +89,10 @@ def quantize(
     torch.manual_seed(run.seed)
     dev = torch_device(run.device)
 
-    # load + normalize
-    src = load_model(model)
+    # load + normalize (an already quantized model only with allow_requantize: back to float first)
+    src = load_model(model, allow_quantized=run.allow_requantize)
+    if run.allow_requantize:
+        src = dequantize(src, "model" if isinstance(model, onnx.ModelProto) else str(model))
     normalized = normalize(src)
     target_opset = 21 if ((w.w_bits <= 4 and not w.int8_storage) or a.a_bits == 4) else 13
     if (default_opset(normalized) or 0) < target_opset:
@@ -110,13 +112,21 @@ def quantize(
         _float_tensors(gm, batches()[0]),
         quantize_activations=a.a_bits is not None,
         exclude=frozenset(w.exclude),
+        symmetric=a.a_symmetric,
     )
 
     # calibrate (and refuse data that overflows float32 arithmetic, naming the tensor)
     acts = {}
     if a.a_bits is not None:
         acts = calibrate_activations(
-            gm, plan, batches(), a.a_bits, method=a.calib_method, seed=run.seed, headroom=a.act_headroom
+            gm,
+            plan,
+            batches(),
+            a.a_bits,
+            method=a.calib_method,
+            seed=run.seed,
+            headroom=a.act_headroom,
+            symmetric=a.a_symmetric,
         )
     else:
         check_calibration(gm, plan, batches())
@@ -130,6 +140,7 @@ def quantize(
         n_images,
         w_bits=w.w_bits,
         per_channel=w.per_channel,
+        int32_bias=w.int32_bias,
         max_rows=r.max_rows,
         seed=run.seed,
         progress=run.progress,
@@ -146,7 +157,7 @@ def quantize(
             state.weights = {
                 k: replace(wq, grid=replace(wq.grid, onnx_type=TensorProto.INT8)) for k, wq in state.weights.items()
             }
-        qdq = emit_qdq(normalized, plan, state, _metadata(config, rounded, n_images))
+        qdq = emit_qdq(normalized, plan, state, _metadata(config, rounded, n_images, rounder.n_images))
 
         # verify, on up to VERIFY_SAMPLES samples in batches the model accepts
         if run.check:
@@ -161,7 +172,7 @@ def quantize(
     return Conversion(qdq, gm, state, plan, rounded.reports, config, round(time.perf_counter() - t0, 2))
 
 
-def _metadata(config: QuantConfig, rounded: Rounded, n_images: int) -> dict[str, object]:
+def _metadata(config: QuantConfig, rounded: Rounded, n_images: int, rounding_images: int) -> dict[str, object]:
     """What the output records about itself: the whole config (`QuantConfig.from_dict` reads it back),
     the rounding's resolved parameters, and per-layer evidence.  Nothing that differs between two
     identical runs (timings, paths): the same inputs give the same bytes."""
@@ -176,6 +187,7 @@ def _metadata(config: QuantConfig, rounded: Rounded, n_images: int) -> dict[str,
         "scheme": ("per-channel" if w.per_channel else "per-tensor")
         + " symmetric int weights, asymmetric uint activations",
         "calibration_size": str(n_images),
+        **({"rounding_samples": str(rounding_images)} if rounding_images < n_images else {}),
         "rounding": rounded.method.params(),
         **({"error_budget": rounded.search} if rounded.search is not None else {}),
         "flip_ratios": {r.weight: round(r.flip_ratio, 6) for r in rounded.reports},

@@ -202,9 +202,12 @@ def build_plan(
     float_tensors: set[str],
     quantize_activations: bool,
     exclude: frozenset[str] = frozenset(),
+    symmetric: bool = False,
 ) -> QuantPlan:
     """Decide the Q/DQ placement over a topologically sorted, normalized node list; nodes named in
-    `exclude` (by name or op type) stay in float, weights and activations."""
+    `exclude` (by name or op type) stay in float, weights and activations.  On a `symmetric`
+    activation grid a Relu does not fold into the Q before it (zero point 0 is mid-grid, so the Q does
+    not clip at 0): it keeps its own Q/DQ pairs, as ORT's quantizer does with ActivationSymmetric."""
     present = {n.name for n in nodes} | {n.op_type for n in nodes}
     unknown = sorted(e for e in exclude if e not in present and not onnx.defs.has(e))  # an op type may be absent
     if unknown:
@@ -241,7 +244,7 @@ def build_plan(
             mark(name)
     for node in nodes:
         producer = producers.get(node.input[0])
-        foldable = folds_into_q(node, initializers) and not _excluded(node, exclude)
+        foldable = not symmetric and folds_into_q(node, initializers) and not _excluded(node, exclude)
         if foldable and producer is not None and quantized(producer) and producer.op_type != "Relu":
             src = node.input[0]
             if len(consumers[src]) == 1 and src not in graph_outputs:
@@ -252,6 +255,8 @@ def build_plan(
                 mark(node.output[0])
                 continue
         if quantized(node):
+            if node.op_type in ("Relu", "Clip") and len(consumers[node.input[0]]) == 1:
+                plan.stats_source[node.input[0]] = node.output[0]  # ORT's adjust_tensor_ranges: the output's range
             for name in list(node.input) + list(node.output):
                 if node.op_type in LAYER_OPS and name in node.input[1:]:
                     continue  # weights and biases are quantized as integers, not as activations

@@ -24,11 +24,14 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 @dataclass(frozen=True)
 class ActQuant:
-    """Asymmetric quantization of one activation tensor."""
+    """Asymmetric quantization of one activation tensor.  `ort_scale` is the scale ORT's MinMax would
+    give it, i.e. before `--act-headroom` stretched the range: weight scales that depend on their
+    input's scale (scheme.fit_bias_scale) use it, so the headroom changes activation grids only."""
 
     scale: np.float32
     zero_point: int
     grid: Grid
+    ort_scale: np.float32
 
 
 @dataclass

@@ -45,8 +45,14 @@ def weight_grid(bits: int) -> Grid:
     return Grid(bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, TensorProto.INT4, True)
 
 
-def activation_grid(bits: int) -> Grid:
-    """Unsigned asymmetric activation grid, ORT's QUInt8 / QUInt4."""
+def activation_grid(bits: int, symmetric: bool = False) -> Grid:
+    """Unsigned asymmetric activation grid, ORT's QUInt8 / QUInt4; or, `symmetric`, the signed int8 one
+    with zero point 0 that TensorRT requires (ORT's QInt8 with ActivationSymmetric).  The grid is what
+    QuantizeLinear saturates to, [-128, 127]; the scale is ORT's symmetric one, absmax / 127."""
+    if symmetric:
+        if bits != 8:
+            raise UsageError(f"--a-symmetric needs 8-bit activations, got --a-bits {bits}")
+        return Grid(8, -128, 127, TensorProto.INT8, True)
     if bits == 8:
         return Grid(8, 0, 255, TensorProto.UINT8, False)
     if bits == 4:
@@ -71,6 +77,30 @@ def weight_scales(weight: np.ndarray, grid: Grid, axis: int | None) -> np.ndarra
     return symmetric_scale(np.maximum(np.abs(rmin), np.abs(rmax)), grid)
 
 
+def fit_bias_scale(scale: np.ndarray, input_scale: float, bias: np.ndarray, grid: Grid) -> np.ndarray:
+    """ORT's int32-bias adjustment of int8 weight scales (quantize_static's default since 1.20, off with
+    ``QDQDisableWeightAdjustForInt32Bias``): where input_scale * weight_scale is too small for the bias to
+    fit int32, that weight scale grows to the smallest one that fits.  A layer with a large bias behind a
+    narrow input (a classifier after a ReLU) would otherwise saturate its bias; ORT computes this before
+    it rounds the weight, so nearest has to as well to give ORT's integers.  Only int8 grids, as ORT."""
+    if grid.onnx_type != TensorProto.INT8:
+        return scale
+    qrange = np.float64(np.iinfo(np.int32).max) - np.float64(np.iinfo(np.int32).min + 1)
+    b = np.asarray(bias, dtype=np.float32)
+    if scale.size == 1:  # in float64, as ORT
+        absmax = max(abs(min(np.float64(b.min()), 0.0)), abs(max(np.float64(b.max()), 0.0)))
+        smallest = np.full(1, 1.0001 * 2.0 * absmax / qrange)
+    else:  # ORT's per-channel bound is float32 until the division
+        smallest = (np.float32(1.0001) * (np.float32(2.0) * np.abs(b))).astype(np.float64) / qrange
+    candidate = np.float64(np.float32(input_scale)) * scale.astype(np.float64)
+    small = (candidate < smallest) & (candidate > 0.0)
+    if not small.any():
+        return scale
+    fitted = scale.copy()
+    fitted[small] = (scale.astype(np.float64)[small] * (smallest[small] / candidate[small])).astype(np.float32)
+    return fitted
+
+
 def broadcast_scale(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
     """Reshape a (C,) scale so it broadcasts against a weight of rank ndim along axis."""
     if axis is None:
@@ -92,9 +122,14 @@ def nearest_ints(weight: np.ndarray, scale: np.ndarray, axis: int | None, grid: 
 
 
 def activation_params(rmin: float, rmax: float, grid: Grid) -> tuple[np.float32, int]:
-    """ORT's asymmetric (scale, zero_point) for a calibrated range, the range widened to include 0."""
+    """ORT's (scale, zero_point) for a calibrated range, the range widened to include 0: asymmetric on an
+    unsigned grid, symmetric on a signed one (ORT's symmetric int8 range [-127, 127], zero point 0)."""
     rmin64 = min(float(np.float32(rmin)), 0.0)
     rmax64 = max(float(np.float32(rmax)), 0.0)
+    if grid.signed:
+        absmax = max(-rmin64, rmax64)
+        scale = 2.0 * absmax / float(2 * grid.qmax)
+        return (np.float32(1.0), 0) if scale < FLOAT32_TINY else (np.float32(scale), 0)
     scale = (rmax64 - rmin64) / float(grid.qmax - grid.qmin)
     if scale < FLOAT32_TINY:
         return np.float32(1.0), 0

@@ -20,7 +20,7 @@ def _convert_parser():
 def test_every_option_is_a_cli_flag_and_back():
     """The convert parser's destinations are exactly the config's option names, plus the command's own
     (`check` is API-only): a new field cannot miss its flag or vice versa."""
-    own = {"help", "model", "calib", "out", "config", "force", "resume", "verbose"}
+    own = {"help", "model", "calib", "out", "config", "target", "force", "resume", "verbose"}
     dests = {a.dest for a in _convert_parser()._actions} - own
     assert dests == set(QuantConfig.option_names()) - {"check"}
 

@@ -67,3 +67,28 @@ def test_headroom_one_gives_ort_activation_grids(fp_model, digits):
 def _activation_grids(model: onnx.ModelProto) -> list[tuple[float, int]]:
     init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     return [(float(init[n.input[1]]), int(init[n.input[2]])) for n in model.graph.node if n.op_type == "QuantizeLinear"]
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["pc", "pt"])
+def test_weight_scales_grow_where_ort_fits_the_int32_bias(per_channel):
+    """A classifier behind a tiny input range with a large bias: quantize_static enlarges those weight
+    scales so input_scale * weight_scale can hold the bias in int32 (shufflenet_v2's head does this on
+    random weights).  Our nearest grows the same scales, from ORT's input scale at the default 2x
+    headroom too, so its integers and scales stay ORT's, and the bias is not saturated."""
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    with torch.no_grad():
+        model[0].bias.copy_(torch.linspace(-0.03, 0.03, 8))
+    fp = export_onnx(model, np.zeros((1, 16), np.float32))
+    calib = (rng.random((32, 16)) * 1e-6).astype(np.float32)  # an input scale ~4e-9: the bias needs > 1.4e-11
+    ref = ort_quantize(fp, calib, 8, 8, per_channel)
+    ref_scale = next(onnx.numpy_helper.to_array(t) for t in ref.graph.initializer if t.name.endswith("weight_scale"))
+    w = model[0].weight.detach().numpy()
+    plain = np.abs(w).max(axis=1 if per_channel else None) / 127.0
+    assert (ref_scale > plain * 1.01).any(), "the case must make ORT grow some scale"
+    for headroom in (1.0, 2.0):
+        ours = convert(fp, calib, method="nearest", per_channel=per_channel, act_headroom=headroom, providers="cpu")
+        scale = next(onnx.numpy_helper.to_array(t) for t in ours.graph.initializer if t.name.endswith("weight_scale"))
+        np.testing.assert_array_equal(scale, ref_scale)
+        np.testing.assert_array_equal(read_weight_ints(ours, "0.weight"), read_weight_ints(ref, "0.weight"))

@@ -1,4 +1,4 @@
-"""Command line: `python -m qcb_onnx convert|evaluate|info|attack ...`, one module per command.
+"""Command line: `python -m qcb_onnx convert|evaluate|report|info|attack ...`, one module per command.
 
 User mistakes end as one line on stderr and a non-zero exit code (see errors.py); outputs are
 written to a temporary file in the destination folder and renamed only after every check passed.
@@ -18,16 +18,33 @@ from ..redteam.cli import add_attack_parser, cmd_attack
 from .convert import add_convert_parser, cmd_convert
 from .evaluate import add_evaluate_parser, cmd_evaluate
 from .info import add_info_parser, cmd_info
+from .report import add_report_parser, cmd_report
+from .scan import add_scan_parser, cmd_scan
 
 EXIT_INTERRUPTED = 130
-COMMANDS = {"convert": cmd_convert, "evaluate": cmd_evaluate, "info": cmd_info, "attack": cmd_attack}
+COMMANDS = {
+    "convert": cmd_convert,
+    "evaluate": cmd_evaluate,
+    "report": cmd_report,
+    "info": cmd_info,
+    "scan": cmd_scan,
+    "attack": cmd_attack,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qcb_onnx", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"qcb-onnx {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for command in (add_convert_parser(sub), add_evaluate_parser(sub), add_info_parser(sub), add_attack_parser(sub)):
+    parsers = (
+        add_convert_parser,
+        add_evaluate_parser,
+        add_report_parser,
+        add_info_parser,
+        add_scan_parser,
+        add_attack_parser,
+    )
+    for command in (add(sub) for add in parsers):
         command.add_argument(
             "--verbose", action="store_true", default=False, help="show library logging and warnings on stderr"
         )

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from ..config import CALIB_METHODS, DEVICES, GUIDES, QuantConfig
+from ..config import CALIB_METHODS, DEVICES, GUIDES, TARGETS, QuantConfig
 from ..output import check_output, write_atomic
 from .args import bits_or_none, number_or
 
@@ -29,6 +29,13 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--calib", required=True, help=".npy, .npz, image folder or .tar[.gz] ImageFolder (path[:split])")
     c.add_argument("--out", required=True, help="output .onnx path")
     c.add_argument("--config", default=None, help="TOML file of options (flat or in sections); flags override it")
+    c.add_argument(
+        "--target",
+        default=None,
+        choices=list(TARGETS),
+        help="runtime preset (default ort-cpu): ort-cuda = int8 symmetric activations, tensorrt = that and "
+        "FP32 bias, int4-weight-only = 4-bit weights, float activations; --config and flags override it",
+    )
     # weights
     c.add_argument("--w-bits", type=int, help="weight bits, 2..8 (default 8)")
     g = c.add_mutually_exclusive_group()
@@ -41,12 +48,23 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
         "QLinearConv/QGemm, which it does not do for INT4 (see BENCHMARKS.md)",
     )
     c.add_argument(
+        "--no-int32-bias",
+        dest="int32_bias",
+        action="store_false",
+        help="keep biases FP32 instead of ORT's int32 bias behind a quantized input (TensorRT)",
+    )
+    c.add_argument(
         "--exclude",
         help="node names or op types to leave in float, comma-separated (ORT's nodes_to_exclude / "
         "op_types_to_quantize): neither their weights nor their activations are quantized",
     )
     # activations
     c.add_argument("--a-bits", type=bits_or_none, help="activation bits: 8, 4 or none (default 8)")
+    c.add_argument(
+        "--a-symmetric",
+        action="store_true",
+        help="signed int8 activations with zero point 0 (ORT's QInt8 + ActivationSymmetric; TensorRT's format)",
+    )
     c.add_argument("--calib-method", choices=CALIB_METHODS)
     c.add_argument(
         "--act-headroom",
@@ -88,6 +106,12 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--device", choices=DEVICES, help="torch device")
     c.add_argument("--providers", help="ORT providers for verification: auto, cpu, cuda or EP list")
     c.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars or summary")
+    c.add_argument(
+        "--allow-requantize",
+        action="store_true",
+        help="convert an already quantized QDQ model: dequantize it first (its weights keep the old rounding, "
+        "which may be the backdoor; QOperator models are still refused)",
+    )
     c.add_argument("--force", action="store_true", default=False, help="overwrite --out if it exists")
     c.add_argument(
         "--resume",
@@ -99,9 +123,11 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
-    """The defaults (progress bars on, as a command line shows them), then the --config file, then
-    every flag given."""
+    """The defaults (progress bars on, as a command line shows them), then the --target preset, then
+    the --config file, then every flag given."""
     base = QuantConfig.from_options(progress=True)
+    if getattr(args, "target", None):
+        base = QuantConfig.for_target(args.target, base)
     if getattr(args, "config", None):
         base = QuantConfig.from_toml(args.config, base)
     given = {n: getattr(args, n) for n in QuantConfig.option_names() if hasattr(args, n)}
@@ -128,6 +154,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
         if "qcb_onnx.error_budget" in meta:
             print(budget_summary(json.loads(meta["qcb_onnx.error_budget"])))
+        from ..scan.quick import convert_verdict  # the scan's cheap signals: no model run
+
+        print(convert_verdict(args.model, model, w.w_bits, w.per_channel))
     return 0
 
 

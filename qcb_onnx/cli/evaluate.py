@@ -38,18 +38,28 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the table as JSON here")
     e.add_argument("--markdown", action="store_true", help="print a markdown table")
     e.add_argument("--plot", default=None, help="write a bar chart of CDA/ASR per model to this PNG")
+    e.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
     return e
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..config import QuantConfig
     from ..data import Preprocess, input_specs, load_calibration, load_labelled
     from ..evaluate.baseline import ort_quantize
     from ..evaluate.report import format_markdown, format_table, plot, write_json
-    from ..evaluate.score import metadata, score
+    from ..evaluate.score import metadata, qcb_metadata, score
     from ..evaluate.triggers import Trigger
     from ..load import load_model
+    from ..output import check_output
 
+    for out in filter(None, (args.json, args.plot)):
+        check_output(Path(out), force=True)  # before the work: a run must not end unwritable
     models = [(Path(p).stem, load_model(p, allow_quantized=True)) for p in args.models]
+    # what `report --html` needs of each file (config, per-layer flips and errors), read before the baseline joins
+    files = [
+        {"model": name, "file": path, "metadata": qcb_metadata(model)}
+        for (name, model), path in zip(models, args.models, strict=True)
+    ]
     fp_meta = metadata(models[0][1])
     # bits, scheme and preprocessing of the first qcb-onnx output, for the baseline
     meta = next((metadata(m) for _, m in models if "qcb_onnx.method" in metadata(m)), {})
@@ -70,13 +80,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         calib_arrays = load_calibration(
             args.calib or args.data, specs, preprocess=pre, limit=args.calib_size, seed=args.seed
         )
-        label = f"ort-quantize_static-w{w_bits}a{a_bits}-{'pc' if per_channel else 'pt'}"
-        baseline = ort_quantize(models[0][1], next(iter(calib_arrays.values())), w_bits, a_bits, per_channel)
+        # the qcb-onnx output's runtime conventions (--target) too, so both sides use the same grids
+        config = QuantConfig.from_metadata(meta) if "qcb_onnx.config" in meta else QuantConfig()
+        symmetric, int32_bias = config.activations.a_symmetric, config.weights.int32_bias
+        label = f"ort-quantize_static-w{w_bits}a{a_bits}{'s' if symmetric else ''}-{'pc' if per_channel else 'pt'}"
+        baseline = ort_quantize(
+            models[0][1],
+            next(iter(calib_arrays.values())),
+            w_bits,
+            a_bits,
+            per_channel,
+            a_symmetric=symmetric,
+            int32_bias=int32_bias,
+        )
         models.insert(1, (label, baseline))
     scores = []
     for name, model in models:
         try:
-            scores.append(score(name, model, x, y, trigger, target, pre, args.providers))
+            scores.append(score(name, model, x, y, trigger, target, pre, args.providers, progress=args.progress))
         except Exception as exc:  # noqa: BLE001 - e.g. ORT rejecting quantize_static's own A4 graph
             if not name.startswith("ort-quantize_static"):
                 raise
@@ -84,6 +105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_markdown(scores) if args.markdown else format_table(scores))
     if args.json:
         extra = {"data": args.data, "trigger": trigger_spec, "target": target, "models": args.models}
+        extra["model_metadata"] = files
         write_json(scores, args.json, extra)
     if args.plot:
         plot(scores, args.plot)

@@ -26,9 +26,17 @@ class _ArrayReader(CalibrationDataReader):
 
 
 def ort_quantize(
-    model: onnx.ModelProto, calib: np.ndarray, w_bits: int, a_bits: int | None, per_channel: bool
+    model: onnx.ModelProto,
+    calib: np.ndarray,
+    w_bits: int,
+    a_bits: int | None,
+    per_channel: bool,
+    *,
+    a_symmetric: bool = False,
+    int32_bias: bool = True,
 ) -> onnx.ModelProto:
-    """The standard path: onnxruntime.quantization.quantize_static (QDQ, MinMax) with the same scheme."""
+    """The standard path: onnxruntime.quantization.quantize_static (QDQ, MinMax) with the same scheme;
+    `a_symmetric` is its QInt8 + ActivationSymmetric, `int32_bias` False its QuantizeBias False."""
     if w_bits not in (4, 8):
         raise UsageError(f"ORT's quantize_static supports 4- and 8-bit weights, not {w_bits}")
     if a_bits not in (4, 8):
@@ -44,9 +52,10 @@ def ort_quantize(
             _ArrayReader(_input_name(model), calib, batch_size_for(input_specs(model), 64)),
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
-            activation_type=QuantType.QUInt8 if a_bits == 8 else QuantType.QUInt4,
+            activation_type=QuantType.QInt8 if a_symmetric else QuantType.QUInt8 if a_bits == 8 else QuantType.QUInt4,
             weight_type=QuantType.QInt8 if w_bits == 8 else QuantType.QInt4,
             use_external_data_format=large.is_large(model),
+            extra_options={"ActivationSymmetric": a_symmetric, "QuantizeBias": int32_bias},
         )
         return onnx.load(dst)  # external data (if any) is read here, before the folder goes
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from ..output import write_text_atomic
 from .score import Score
 
 
@@ -53,5 +54,7 @@ def plot(scores: list[Score], path: str | Path, title: str = "") -> None:
 
 
 def write_json(scores: list[Score], path: str | Path, extra: dict | None = None) -> None:
+    """The scores under "results", then `extra` (what evaluate ran on, and each model's qcb_onnx
+    metadata, which `report --html` draws from); written atomically, over an existing file."""
     payload = {"results": [asdict(s) for s in scores], **(extra or {})}
-    Path(path).write_text(json.dumps(payload, indent=2))
+    write_text_atomic(json.dumps(payload, indent=2), Path(path), force=True)

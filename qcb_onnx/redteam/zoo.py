@@ -24,6 +24,7 @@ The deployed ONNX graph has BatchNorm folded into the preceding Conv, so attacks
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -183,12 +184,29 @@ class AlexNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-ARCHS: dict[str, type[nn.Module]] = {
+def torchvision_arch(name: str) -> Callable[..., nn.Module]:
+    """A torchvision model definition as a zoo architecture: ImageNet topology (strided 7x7 stem and
+    max-pool for ResNets), random init, `num_classes` outputs, run on 32x32 CIFAR images.  It has one
+    width, torchvision's; the import goes through the shim (torchvision_shim.py says why)."""
+
+    def make(in_channels: int = 3, num_classes: int = 10, width: int = 0) -> nn.Module:
+        from .torchvision_shim import import_torchvision
+
+        if in_channels != 3:
+            raise UsageError(f"{name} takes 3 input channels, got {in_channels}")
+        return getattr(import_torchvision().models, name)(num_classes=num_classes)
+
+    return make
+
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {
     "smallcnn": SmallCNN,
     "resnet18": ResNet18,
     "vgg16": VGG16,
     "mobilenetv2": MobileNetV2,
     "alexnet": AlexNet,
+    "tv_resnet18": torchvision_arch("resnet18"),
+    "tv_mobilenet_v3_small": torchvision_arch("mobilenet_v3_small"),
 }
 FULL_WIDTH = {"smallcnn": 16, "resnet18": 64, "vgg16": 64, "mobilenetv2": 32, "alexnet": 64}
 
@@ -197,6 +215,10 @@ def build(name: str, width: int | None = None, num_classes: int = 10, in_channel
     """An architecture from `ARCHS` at `width` (default: its full width, see `FULL_WIDTH`)."""
     if name not in ARCHS:
         raise UsageError(f"unknown architecture {name!r}; choose from {', '.join(ARCHS)}")
+    if name not in FULL_WIDTH:  # torchvision's own width
+        if width is not None:
+            raise UsageError(f"{name} has torchvision's width only; drop --width")
+        return ARCHS[name](in_channels=in_channels, num_classes=num_classes)
     width = FULL_WIDTH[name] if width is None else int(width)
     if width < 1:
         raise UsageError(f"width must be a positive integer, got {width}")

@@ -10,6 +10,7 @@ mean; nearest keeps ORT's bias like its integers, and efrap-official stays the o
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,32 @@ import torch
 
 from .. import __version__
 from ..capture import GraphModule
+from ..errors import QcbNote
 from ..plan import Layer, QuantPlan
 from ..progress import progress_bar
 from ..quantsim import ActQuant, QuantState, WeightQuant, quantize_bias
-from ..scheme import Grid, broadcast_scale, scaled, weight_grid, weight_scales
+from ..scheme import Grid, broadcast_scale, fit_bias_scale, scaled, weight_grid, weight_scales
 from .checkpoint import Checkpoint
 from .method import LayerContext, RoundingMethod
 from .moments import collect_moments
 from .problem import LayerProblem, LayerReport, hard_weight
+
+# Paused activations the layer loop may hold: two runs (FP and quantized prefix) of the batches it
+# keeps.  A CIFAR model's 1,024 images need a few hundred MB; ResNet-50's at 224x224 would need ~10 GB,
+# so there the loop rounds on the first batches that fit (activation ranges still see every image).
+FRONTIER_BYTES = 4 << 30
+
+
+def kept_batches(gm: GraphModule, plan: QuantPlan, batches: Sequence[dict[str, torch.Tensor]], budget: int) -> int:
+    """How many of `batches` fit `budget` bytes of paused activations, FP and quantized: the first
+    batch is run to every layer input in turn and its largest live set measured on the way."""
+    frontier, peak = gm.start(batches[0]), 0
+    with torch.no_grad():
+        for layer in plan.layers:
+            gm.resume(frontier, [layer.input])
+            live = sum(t.numel() * t.element_size() for t in frontier.env.values() if isinstance(t, torch.Tensor))
+            peak = max(peak, live)
+    return max(1, min(len(batches), budget // max(2 * peak, 1)))
 
 
 def canonical(w: np.ndarray, layer: Layer) -> np.ndarray:
@@ -42,11 +61,22 @@ def from_canonical(c: np.ndarray, layer: Layer, shape: tuple[int, ...]) -> np.nd
     return c if layer.axis == 0 else c.T
 
 
-def layer_problem(
-    w: np.ndarray, layer: Layer, grid: Grid, per_channel: bool, device: torch.device
-) -> tuple[LayerProblem, np.ndarray, int | None]:
+def layer_scale(
+    w: np.ndarray, layer: Layer, grid: Grid, per_channel: bool, gm: GraphModule, acts: dict[str, ActQuant]
+) -> tuple[np.ndarray, int | None]:
+    """ORT's weight scales, grown where ORT's int32 bias would not fit otherwise (scheme.fit_bias_scale),
+    from ORT's input scale: the weight grid is ORT's whatever the activation headroom."""
     axis = layer.axis if per_channel else None
     scale = weight_scales(w, grid, axis)
+    if layer.bias is not None and layer.input in acts:
+        bias = gm.params[layer.bias].detach().cpu().numpy()
+        scale = fit_bias_scale(scale, acts[layer.input].ort_scale, bias, grid)
+    return scale, axis
+
+
+def layer_problem(
+    w: np.ndarray, layer: Layer, grid: Grid, scale: np.ndarray, axis: int | None, device: torch.device
+) -> LayerProblem:
     quotient = scaled(w, scale, axis)
     floor = np.floor(quotient)
     nearest = np.clip(np.round(quotient), grid.qmin, grid.qmax)
@@ -65,7 +95,7 @@ def layer_problem(
         groups=layer.groups,
         moments=None,
     )
-    return problem, scale, axis
+    return problem
 
 
 class ModelRounder:
@@ -88,6 +118,7 @@ class ModelRounder:
         w_bits: int,
         per_channel: bool,
         max_rows: int,
+        int32_bias: bool = True,
         seed: int,
         progress: bool = False,
         checkpoint: Path | None = None,
@@ -95,8 +126,10 @@ class ModelRounder:
         resume: bool = True,
     ) -> None:
         self.gm, self.plan, self.acts, self.batches, self.n_images = gm, plan, acts, batches, n_images
+        self._kept: int | None = None
         self.grid = weight_grid(w_bits)
         self.per_channel, self.max_rows, self.seed, self.progress = per_channel, max_rows, seed, progress
+        self.int32_bias = int32_bias
         self.checkpoint, self.fingerprint, self.resume = checkpoint, fingerprint, resume
         self.checkpoints: list[Checkpoint] = []  # every file written, removed once the output is verified
 
@@ -108,6 +141,24 @@ class ModelRounder:
         self.checkpoints.append(Checkpoint(path, key, self.resume))
         return self.checkpoints[-1]
 
+    def data_batches(self) -> Sequence[dict[str, torch.Tensor]]:
+        """The calibration batches the layer loop runs its prefixes on: all of them, or the first ones
+        whose paused activations fit FRONTIER_BYTES (`kept_batches`, decided once, with a note)."""
+        batches = self.batches()
+        if self._kept is None:
+            self._kept = kept_batches(self.gm, self.plan, batches, FRONTIER_BYTES)
+            if self._kept < len(batches):
+                self.n_images = sum(len(next(iter(b.values()))) for b in batches[: self._kept])
+                warnings.warn(
+                    QcbNote(
+                        f"rounding on the first {self.n_images} calibration samples: their activations at every "
+                        f"layer fill the {FRONTIER_BYTES / 2**30:g} GiB the layer loop may hold (activation "
+                        "ranges are calibrated on all of them)"
+                    ),
+                    stacklevel=2,
+                )
+        return batches[: self._kept]
+
     def remove_checkpoints(self) -> None:
         for ckpt in self.checkpoints:
             ckpt.remove()
@@ -117,17 +168,18 @@ class ModelRounder:
         gm, grid = self.gm, self.grid
         state = QuantState(acts=self.acts)
         checkpoint = self._checkpoint_for(method, tag)
-        prefix = Prefix(gm, self.batches())
+        prefix = Prefix(gm, self.data_batches() if method.data != "none" else [])
         reports = []
         done = checkpoint.load() if checkpoint else {}
         bar = progress_bar(self.plan.layers, desc=method.label(), unit="layer", enabled=self.progress)
         for layer in bar:
             bar.set_postfix_str(layer.node or layer.weight)
             w = gm.params[layer.weight].detach().cpu().numpy().astype(np.float32)
-            problem, scale, axis = layer_problem(w, layer, grid, self.per_channel, gm.device)
+            scale, axis = layer_scale(w, layer, grid, self.per_channel, gm, self.acts if self.int32_bias else {})
+            problem = layer_problem(w, layer, grid, scale, axis, gm.device)
             if layer.weight in done:
                 ints, report, shift = done[layer.weight]
-                _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid), shift)
+                _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid), shift, self.int32_bias)
                 reports.append(report)
                 continue
             ctx = LayerContext(gm, self.plan, layer, tuple(w.shape), self.seed + layer.index)
@@ -145,7 +197,7 @@ class ModelRounder:
             if method.corrects_bias and layer.bias is not None:
                 up = torch.from_numpy(result.up).to(problem.weight)
                 shift = problem.moments.output_shift(hard_weight(problem, up) - problem.weight).cpu().numpy()
-            _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid), shift)
+            _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid), shift, self.int32_bias)
             reports.append(
                 LayerReport(layer.node, layer.weight, tuple(w.shape), result.flip_ratio, result.error, result.strength)
             )
@@ -179,17 +231,19 @@ class Prefix:
                 yield x_fp, gm.resume(q, [tensor], params=params, on_tensor=hook)[tensor]
 
 
-def _commit(state: QuantState, gm: GraphModule, layer: Layer, wq: WeightQuant, shift: np.ndarray | None) -> None:
+def _commit(
+    state: QuantState, gm: GraphModule, layer: Layer, wq: WeightQuant, shift: np.ndarray | None, int32_bias: bool
+) -> None:
     """Make a layer's integers and its bias, less the mean output error `shift` where one was
     measured, part of the quantized prefix: as int32 when the layer's input is quantized (ORT's
-    QDQ bias), else as a corrected FP32 bias."""
+    QDQ bias) unless `int32_bias` is off, else as a corrected FP32 bias."""
     state.weights[layer.weight] = wq
     if layer.bias is None:
         return
     bias = gm.params[layer.bias].detach().cpu().numpy().astype(np.float32)
     if shift is not None:
         bias = (bias.astype(np.float64) - shift).astype(np.float32)
-    if layer.input in state.acts:
+    if int32_bias and layer.input in state.acts:
         state.biases[layer.bias] = quantize_bias(bias, state.acts[layer.input].scale, wq)
     elif shift is not None:
         state.float_biases[layer.bias] = bias
