@@ -12,7 +12,8 @@ from qcb_onnx.redteam.train import export_onnx
 from qcb_onnx.redteam.zoo import ARCHS, build, fuse_batchnorm
 from qcb_onnx.runtime import session
 
-SMALL = {"smallcnn": 8, "resnet18": 8, "vgg16": 8, "mobilenetv2": 8, "alexnet": 8}
+SMALL = {"smallcnn": 8, "resnet18": 8, "vgg16": 8, "mobilenetv2": 8, "alexnet": 8}  # torchvision archs: own width
+SMALL.update({name: None for name in ARCHS if name.startswith("tv_")})
 
 
 def _trained_bn(model: nn.Module, seed: int = 0) -> nn.Module:
