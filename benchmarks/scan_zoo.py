@@ -8,6 +8,8 @@
     python benchmarks/scan_zoo.py scan --zoo ~/.cache/qcb_onnx/scan_zoo      # -> benchmarks/results/scan_zoo.json
     # 4. refit the shipped reference (qcb_onnx/scan/reference.json) on every clean model's signals:
     python benchmarks/scan_zoo.py fit
+    # 5. (no zoo at hand) score an earlier run's stored features with this checkout's scored signals:
+    python benchmarks/scan_zoo.py rescore --results benchmarks/results/scan_zoo_abee7f8_with_flips.json
 
 A model is attacked when its metadata has `qcb_onnx.attack` (make_zoo.py writes it); whether it is a
 real QCB (FP32 ASR < 10 %, ORT quantize_static ASR > 90 %) comes from make_zoo's zoo.json.  Scores
@@ -162,12 +164,12 @@ def qcb_status(zoo: Path) -> dict[str, dict]:
     return out
 
 
-def evaluate(signals: dict[str, dict], status: dict[str, dict], only: tuple[str, ...] = SCORED) -> dict:
+def evaluate(
+    feats: dict[str, dict[str, float]], labels: dict[str, dict], status: dict[str, dict], only: tuple[str, ...] = SCORED
+) -> dict:
     """Scores (clean: leave-one-out), verdicts at nested thresholds, and AUC / TPR per attack."""
-    signals = usable(signals)
-    feats = {k: model_features(v["signals"]) for k, v in signals.items()}
-    clean = sorted(k for k, v in signals.items() if v["label"]["kind"] == "clean")
-    attacked = sorted(k for k in signals if k not in clean)
+    clean = sorted(k for k in feats if labels[k]["kind"] == "clean")
+    attacked = sorted(k for k in feats if k not in clean)
     rows = {}
     for name in clean:
         rest = [feats[c] for c in clean if c != name]
@@ -182,7 +184,7 @@ def evaluate(signals: dict[str, dict], status: dict[str, dict], only: tuple[str,
     neg = [rows[c]["score"] for c in clean]
     groups: dict[str, list[str]] = {}
     for name in attacked:
-        lab = signals[name]["label"]
+        lab = labels[name]
         for key in ("all attacks", lab["attack"], f"{lab['attack']} w{lab['w_bits']}"):
             groups.setdefault(key, []).append(name)
     table = {}
@@ -208,11 +210,9 @@ def usable(signals: dict[str, dict]) -> dict[str, dict]:
     return {k: v for k, v in signals.items() if v["label"].get("test_cda", 100.0) >= MIN_CDA}
 
 
-def single_signal_auc(signals: dict[str, dict]) -> dict[str, float | None]:
+def single_signal_auc(feats: dict[str, dict[str, float]], labels: dict[str, dict]) -> dict[str, float | None]:
     """Each feature alone (its clean-referenced z, clean models leave-one-out): AUC over all attacked models."""
-    signals = usable(signals)
-    feats = {k: model_features(v["signals"]) for k, v in signals.items()}
-    clean = [k for k, v in signals.items() if v["label"]["kind"] == "clean"]
+    clean = [k for k in feats if labels[k]["kind"] == "clean"]
     keys = sorted({k for f in feats.values() for k in f if k.split("@")[0] in FEATURES})
     out = {}
     for key in keys:
@@ -251,40 +251,61 @@ def markdown(result: dict) -> str:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     zoo = Path(args.zoo)
-    signals = zoo_signals(zoo, not args.per_tensor, args.archive, args.threads)
-    status = qcb_status(zoo)
-    full, cheap = evaluate(signals, status, SCORED), evaluate(signals, status, CHEAP)
+    every = zoo_signals(zoo, not args.per_tensor, args.archive, args.threads)
+    signals, status = usable(every), qcb_status(zoo)
     models = {
         name: {
             **v["label"],
             **status.get(name, {}),
-            "score": full["rows"][name]["score"],
-            "verdict": full["rows"][name]["verdict"],
-            "top_signal": full["rows"][name]["top"],
-            "threshold": full["rows"][name]["threshold"],
-            "cheap_score": cheap["rows"][name]["score"],
             "scan_seconds": v["signals"]["seconds"],
             "features": model_features(v["signals"]),
         }
-        for name, v in sorted(usable(signals).items())
+        for name, v in sorted(signals.items())
     }
-    excluded = {k: v["label"] for k, v in signals.items() if k not in models}
+    excluded = {k: v["label"] for k, v in every.items() if k not in models}
+    return write_results(models, excluded, scheme_name(not args.per_tensor), Path(args.out))
+
+
+def cmd_rescore(args: argparse.Namespace) -> int:
+    """Score an earlier run's stored model features with this checkout's SCORED / CHEAP features (the zoo
+    itself is not needed: features of signals that were dropped are ignored, the rest are unchanged)."""
+    prior = json.loads(Path(args.results).read_text())
+    return write_results(prior["models"], prior.get("excluded_degenerate", {}), prior["scheme"], Path(args.out))
+
+
+def write_results(models: dict[str, dict], excluded: dict, scheme: str, dest: Path) -> int:
+    """Evaluate the zoo's model features with every scored signal and with the cheap ones, print the
+    tables and write them with each model's score into `dest`."""
+    feats = {name: m["features"] for name, m in models.items()}
+    status = {name: {"qcb": m.get("qcb")} for name, m in models.items()}
+    full, cheap = evaluate(feats, models, status, SCORED), evaluate(feats, models, status, CHEAP)
+    for name, m in models.items():
+        m.update(
+            score=full["rows"][name]["score"],
+            verdict=full["rows"][name]["verdict"],
+            top_signal=full["rows"][name]["top"],
+            threshold=full["rows"][name]["threshold"],
+            cheap_score=cheap["rows"][name]["score"],
+        )
     out = {
         "command": " ".join(["python", "benchmarks/scan_zoo.py", *(argv_used or [])]),
-        "scheme": scheme_name(not args.per_tensor),
+        "scheme": scheme,
+        "scored_signals": list(SCORED),
         "all_signals": {k: full[k] for k in ("table", "clean_flagged", "n_clean", "threshold")},
         "cheap_signals": {k: cheap[k] for k in ("table", "clean_flagged", "n_clean", "threshold")},
-        "single_signal_auc": single_signal_auc(signals),
+        "single_signal_auc": single_signal_auc(feats, models),
         "models": models,
         "excluded_degenerate": excluded,
     }
-    dest = Path(args.out)
     write_text_atomic(json.dumps(out, indent=1), dest, force=True)
     print("all signals:\n" + markdown(full))
     print("\ncheap signals only (what convert's summary uses):\n" + markdown(cheap))
     for name, m in models.items():
         qcb = "" if m["kind"] == "clean" else f" fp32 {m.get('fp32')} ort {m.get('ort')} qcb={m.get('qcb')}"
         print(f"{name}: {m['verdict']} score {m['score']:.2f} ({m['top_signal']}) cheap {m['cheap_score']:.2f}{qcb}")
+    print(
+        "single-signal AUC: " + ", ".join(f"{k} {v:.3f}" for k, v in out["single_signal_auc"].items() if v is not None)
+    )
     print(f"wrote {dest}")
     return 0
 
@@ -326,6 +347,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         c.add_argument("--threads", type=int, default=1)
         c.add_argument("--per-tensor", action="store_true")
         c.add_argument("--out", default=str(RESULTS))
+    r = sub.add_parser("rescore", help="score an earlier scan_zoo.json's stored features with this checkout's signals")
+    r.add_argument("--results", required=True)
+    r.add_argument("--out", default=str(RESULTS))
     return p.parse_args(argv)
 
 
@@ -333,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     global argv_used
     argv_used = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    return {"train-clean": cmd_train_clean, "scan": cmd_scan, "fit": cmd_fit}[args.command](args)
+    return {"train-clean": cmd_train_clean, "scan": cmd_scan, "rescore": cmd_rescore, "fit": cmd_fit}[args.command](
+        args
+    )
 
 
 if __name__ == "__main__":

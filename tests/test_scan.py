@@ -90,12 +90,42 @@ def test_differential_trigger_search_finds_a_stamp_only_the_quantized_model_obey
     assert reports["qcb"]["signals"]["trigger_target@w4"]["z"] > reports["qcb"]["threshold"]
 
 
+def _batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as torch's dynamo exporter writes it for a batch-1 example: input and output batch 1, and
+    Flatten as a Reshape to [1, -1] (its `node_view`), which no other batch size can run."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for value in (*out.graph.input, *out.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    for i, node in enumerate(out.graph.node):
+        if node.op_type == "Flatten":
+            shape = onnx.numpy_helper.from_array(np.array([1, -1], np.int64), f"view_shape_{i}")
+            out.graph.initializer.append(shape)
+            reshape = onnx.helper.make_node("Reshape", [node.input[0], shape.name], list(node.output), f"node_view_{i}")
+            out.graph.node.remove(node)
+            out.graph.node.insert(i, reshape)
+    return out
+
+
+def test_a_batch_one_export_scans_like_the_dynamic_one(reports, qcb_model, calib_npy, reference_file, tmp_path):
+    """A dynamo export (static batch 1 baked into a Reshape) is scanned in batches it can run, the trigger
+    search included, and gives the dynamic-batch export's signals and verdict."""
+    path = tmp_path / "qcb_b1.onnx"
+    onnx.save(_batch_one(onnx.load(qcb_model)), path)
+    report = build_report("b1", collect_signals(path, calib_npy, OPTIONS), json.loads(reference_file.read_text()))
+    assert report["verdict"] == "suspicious"
+    dynamic = reports["qcb"]["signals"]
+    for key, sig in report["signals"].items():
+        tol = 0.1 if key.startswith("trigger") else 1e-6
+        assert sig["value"] == pytest.approx(dynamic[key]["value"], abs=tol), key
+
+
 def test_report_has_the_per_layer_signals(reports, qcb_model):
     layers = reports["qcb"]["layers"]["4"]
     model = onnx.load(qcb_model)
     assert len(layers) == sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
     for layer in layers:
-        assert 0 <= layer["flip_ratio"] <= 1
+        assert layer["boundary_excess"] >= 0 and 0 <= layer["neuron_outliers"] <= 1
         assert len(layer["frac_hist"]) == 20
         assert layer["n"] > 0
 

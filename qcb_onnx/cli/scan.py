@@ -31,7 +31,6 @@ def add_scan_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--preprocess", default=None, help="for image data: size=HxW,scale=..,mean=a/b/c,std=a/b/c")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-rows", type=int, default=16384, help="input rows per layer for EFRAP's moments")
     s.add_argument("--trigger-steps", type=int, default=60, help="steps of the differential trigger search")
     s.add_argument("--device", choices=DEVICES, default="auto", help="torch device")
     s.add_argument("--reference", default=None, help="clean reference JSON (default: the one shipped)")
@@ -60,7 +59,6 @@ def cmd_scan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         preprocess=Preprocess.parse(args.preprocess) if args.preprocess else None,
         seed=args.seed,
-        max_rows=args.max_rows,
         trigger_steps=args.trigger_steps,
         device=args.device,
         progress=not args.quiet,

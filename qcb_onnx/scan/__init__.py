@@ -4,14 +4,15 @@
     report["verdict"], report["score"]                                # "clean" / "suspicious", float
 
 A QCB is planted in the gap between the FP weights and their nearest-rounded integers under the
-victim's grid, so the scan quantizes the model the way ORT would (nearest) and the way EFRAP would
-(flipped where the activations allow), per victim bit width, and measures (modules):
+victim's grid, so the scan quantizes the model the way ORT would (nearest), per victim bit width, and
+measures (modules):
 
 * weights.py: where the weights sit in their rounding bins (fractional parts against the uniform
   null, truncation-error norms per output channel, scale anchors);
-* run.py: how many weights EFRAP flips at a fixed error budget;
-* behaviour.py: FP32 vs nearest vs flipped on the calibration data (top-1 disagreement, logit
-  shift) and how concentrated nearest rounding's output error is in few channels;
+* behaviour.py: FP32 vs nearest on the calibration data (top-1 disagreement, logit shift) and how
+  concentrated nearest rounding's output error is in few channels;
+* trigger.py: the differential trigger search (a small universal stamp only the nearest model obeys);
+* run.py: the pipeline run and the signals collected per bit width;
 * score.py: each model feature as a robust z against clean models, the score = the largest z;
 * reference.py / reference.json: the clean reference and threshold, fitted on clean models only;
 * report.py (JSON), html.py (the HTML page), quick.py (convert's one-line verdict from what a

@@ -1,11 +1,10 @@
-"""Behavioural signals on calibration data: how the FP model, its nearest-rounded version (the integers
-ORT's quantize_static writes) and its EFRAP-flipped version differ, and in how few neurons.
+"""Behavioural signals on calibration data: how the FP model and its nearest-rounded version (the
+integers ORT's quantize_static writes) differ, and in how few neurons.
 
 A QCB's payload sleeps on clean inputs, so these are indirect: an attacker who trained the FP and the
 nearest model apart (Qu-ANTI-zation, CompArtifact) or moved the FP model away from a fixed nearest
 model (PQBackdoor) leaves a nearest-rounding error that is larger, or lives in fewer output channels,
-than the same grid leaves on a model trained without it in mind; EFRAP's flipped rounding is the
-control (same grid, same activations, different rounding).
+than the same grid leaves on a model trained without it in mind.
 """
 
 from __future__ import annotations
@@ -35,49 +34,53 @@ def _first_output(gm: GraphModule, batches: Sequence[dict[str, torch.Tensor]], s
 
 
 def output_disparity(
-    gm: GraphModule, batches: Sequence[dict[str, torch.Tensor]], nearest: QuantState, flipped: QuantState
+    gm: GraphModule, batches: Sequence[dict[str, torch.Tensor]], nearest: QuantState
 ) -> dict[str, float]:
-    """Top-1 disagreement (%) and relative logit shift of nearest and flipped against FP, and of the two
-    against each other.  The shift is mean ||z_q - z_fp|| over mean ||z_fp - mean z_fp||: scale-free."""
+    """Top-1 disagreement (%) and relative logit shift of nearest against FP.  The shift is
+    mean ||z_q - z_fp|| over mean ||z_fp - mean z_fp||: scale-free."""
     fp = _first_output(gm, batches, None)
-    near, flip = _first_output(gm, batches, nearest), _first_output(gm, batches, flipped)
+    near = _first_output(gm, batches, nearest)
     # a near-constant output (a dead network) must not turn rounding noise into a huge relative shift
     spread = max(float(np.linalg.norm(fp - fp.mean(0), axis=1).mean()), 1e-3 * float(np.sqrt(np.mean(fp**2))), 1e-12)
 
     def shift(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.linalg.norm(a - b, axis=1).mean() / spread)
 
-    out = {"logit_shift_nearest": shift(near, fp), "logit_shift_flipped": shift(flip, fp)}
+    out = {"logit_shift_nearest": shift(near, fp)}
     if fp.shape[1] >= 2:  # a classifier: top-1 decisions to compare
-        top = {k: v.argmax(1) for k, v in (("fp", fp), ("nearest", near), ("flipped", flip))}
-        out["disagree_nearest"] = float(np.mean(top["nearest"] != top["fp"]) * 100)
-        out["disagree_flipped"] = float(np.mean(top["flipped"] != top["fp"]) * 100)
-        out["disagree_nearest_flipped"] = float(np.mean(top["nearest"] != top["flipped"]) * 100)
+        out["disagree_nearest"] = float(np.mean(near.argmax(1) != fp.argmax(1)) * 100)
     return out
 
 
-def layer_inputs(gm: GraphModule, plan: QuantPlan, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every quantized layer's FP input on one batch."""
+def layer_inputs(
+    gm: GraphModule, plan: QuantPlan, batches: Sequence[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Every quantized layer's FP input on the given batches, concatenated along the batch."""
     wanted = {layer.input for layer in plan.layers}
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, list[torch.Tensor]] = {}
 
     def keep(name: str, value: torch.Tensor) -> torch.Tensor:
         if name in wanted:
-            seen[name] = value.detach()
+            seen.setdefault(name, []).append(value.detach())
         return value
 
     with torch.no_grad():
-        gm.run(feeds, on_tensor=keep)
-    return seen
+        for feeds in batches:
+            gm.run(feeds, on_tensor=keep)
+    return {name: torch.cat(values) for name, values in seen.items()}
 
 
 def error_concentration(
-    gm: GraphModule, plan: QuantPlan, feeds: dict[str, torch.Tensor], states: dict[str, QuantState], seed: int
+    gm: GraphModule,
+    plan: QuantPlan,
+    batches: Sequence[dict[str, torch.Tensor]],
+    states: dict[str, QuantState],
+    seed: int,
 ) -> dict[str, dict[str, float]]:
     """Per layer and state: how concentrated the layer's output error E[((W_q - W) x)^2] is, per output
-    channel, on FP inputs x: the share of the error energy in the top `TOP_SHARE` of channels, over
-    that share (1 = evenly spread, 1 / TOP_SHARE = all in those channels)."""
-    inputs = layer_inputs(gm, plan, feeds)
+    channel, on FP inputs x from `batches`: the share of the error energy in the top `TOP_SHARE` of
+    channels, over that share (1 = evenly spread, 1 / TOP_SHARE = all in those channels)."""
+    inputs = layer_inputs(gm, plan, batches)
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, dict[str, float]] = {}
     for layer in plan.layers:

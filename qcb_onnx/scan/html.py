@@ -15,7 +15,6 @@ PLOTS = (  # per-layer signal, title, the clean / null level to draw, log scale
     ("boundary_excess", "weights near a rounding boundary (x uniform)", 1.0, False),
     ("err_rms", "RMS truncation error (x uniform)", 1.0, False),
     ("neuron_outliers", "share of outlier output channels (mean e^2 > 4 SE)", None, False),
-    ("flip_ratio", "share of weights EFRAP flips (log)", None, True),
     ("concentration_nearest", "nearest error in the top 5 % channels (x even)", 1.0, False),
     ("anchor_ratio_channel", "largest / second |w|, median over channels", 1.0, False),
 )
@@ -124,7 +123,7 @@ def render(report: dict) -> str:
         f"{esc(report['calibration_size'])} calibration samples.</p>",
         "<p>Each signal is compared with clean models (median and robust spread; z = how many spreads away, "
         "one-sided where only 'more' is suspicious). The score is the largest z. No trigger or target "
-        "label is used; a clean verdict is not proof of absence (see README, Scanning).</p>",
+        "label is used; a clean verdict is not proof of absence (README, the scan command).</p>",
         _signal_table(report),
     ]
     for bits, layers in report["layers"].items():
@@ -144,7 +143,7 @@ def render(report: dict) -> str:
         mask = model.pop("trigger_mask", None)
         if model:
             items = ", ".join(f"{esc(k)} {esc(_fmt(v))}" for k, v in model.items())
-            out.append(f"<p>FP32 vs nearest vs EFRAP-flipped on the calibration samples: {items}</p>")
+            out.append(f"<p>FP32 vs nearest on the calibration samples: {items}</p>")
         if mask:
             out.append(heatmap(mask, "where the trigger search put its stamp (mask, black = 1)"))
     out.append("</body></html>")

@@ -1,17 +1,14 @@
 """The scan's cheap verdict from what a conversion already computed, for convert's summary line.
 
 `convert` has the normalized FP weights' grids (the output's ``<w>_scale`` initializers, ORT's exact
-scales) and EFRAP's per-layer flip ratios (its ``qcb_onnx.flip_ratios`` metadata), so the weight
-signals (fractional parts, truncation errors, scale anchors) and the flip signal cost one load and
+scales), so the weight signals (fractional parts, truncation errors, scale anchors) cost one load and
 normalize of the FP model and no model run.  The behavioural signals need model runs and are left
 out: this is the full scan's score restricted to `score.CHEAP`, against the same clean reference and
-threshold, at the one bit width and granularity converted.  Its flip ratios come from convert's own
-error budget (the auto search's 0.25 or less), the full scan's from 0.25 fixed.
+threshold, at the one bit width and granularity converted.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import onnx
@@ -38,12 +35,10 @@ def _dq_axes(qdq: onnx.ModelProto) -> dict[str, int | None]:
 
 
 def convert_signals(fp_model: str | Path, qdq: onnx.ModelProto, w_bits: int) -> list[dict]:
-    """Weight and flip signals of every layer `convert` quantized, from the FP source and its output."""
+    """Weight signals of every layer `convert` quantized, from the FP source and its output."""
     normalized = normalize(load_model(fp_model))
     inits = {t.name: t for t in normalized.graph.initializer}
     out_inits = {t.name: t for t in qdq.graph.initializer}
-    meta = {p.key: p.value for p in qdq.metadata_props}
-    flips = json.loads(meta.get("qcb_onnx.flip_ratios", "{}"))
     axes = _dq_axes(qdq)
     grid = weight_grid(w_bits)
     layers = []
@@ -54,10 +49,7 @@ def convert_signals(fp_model: str | Path, qdq: onnx.ModelProto, w_bits: int) -> 
         s = numpy_helper.to_array(scale).astype("float32").reshape(-1)
         w = numpy_helper.to_array(inits[layer.weight]).astype("float32")
         axis = axes.get(f"{layer.weight}_quantized") if s.size > 1 else None
-        sig = layer_signals(w, s, axis, layer, grid)
-        if layer.weight in flips:
-            sig["flip_ratio"] = float(flips[layer.weight])
-        layers.append(sig)
+        layers.append(layer_signals(w, s, axis, layer, grid))
     return layers
 
 

@@ -1,7 +1,7 @@
 """The clean reference the verdict is measured against: feature medians, spreads and the threshold,
 fitted on clean models only and shipped in the package (reference.json, with the command that fitted it).
 
-One reference per weight granularity ("per-channel", "per-tensor"): fractional parts and flips mean
+One reference per weight granularity ("per-channel", "per-tensor"): fractional parts and outlier channels mean
 different things under one scale per channel and one per tensor.  `fit` rebuilds it from clean
 models' raw signals (benchmarks/scan_zoo.py fit); a user with clean models of their own can fit one
 and pass it with ``scan --reference FILE``.

@@ -42,15 +42,13 @@ FEATURES: dict[str, Feature] = {
     "err_rms": Feature("RMS truncation error over the uniform null's sqrt(1/12)", False, 0.01),
     "neuron_outliers": Feature("share of output channels whose mean e^2 is > 4 null SE high", False, 0.005),
     "anchor": Feature("log2 of the largest max/second |w| ratio over layers (scale anchors)", False, 0.1),
-    "flip": Feature("log10 of the share of weights EFRAP flips at error budget 0.25", False, 0.1),
     "concentration": Feature("log2 of nearest's output-error share in the top 5 % channels, layer mean", False, 0.05),
     "trigger": Feature("FP32 vs nearest total variation gained by the best universal 7 %-area stamp", False, 0.02),
     "trigger_target": Feature("stamped images nearest sends to one class, beyond FP32 and unstamped", False, 0.05),
     "disagree_nearest": Feature("% of calibration images where nearest's top-1 differs from FP32's", True, 0.5),
     "logit_shift_nearest": Feature("log10 of nearest's relative logit shift from FP32", True, 0.05),
-    "disagree_nearest_flipped": Feature("% of calibration images where nearest and EFRAP disagree", True, 0.5),
 }
-CHEAP = ("boundary", "ks", "err_rms", "neuron_outliers", "anchor", "flip")  # no model run needed
+CHEAP = ("boundary", "ks", "err_rms", "neuron_outliers", "anchor")  # no model run needed
 SCORED = (*CHEAP, "trigger_target")
 
 
@@ -67,14 +65,11 @@ def bit_features(layers: Sequence[dict], model: dict, per_channel: bool) -> dict
     out["boundary"] = out.pop("boundary_excess")
     ratio = "anchor_ratio_channel" if per_channel else "anchor_ratio_tensor"
     out["anchor"] = math.log2(max(max(layer[ratio] for layer in layers), 1.0))
-    if all("flip_ratio" in layer for layer in layers):
-        out["flip"] = math.log10(_weighted(layers, "flip_ratio") + 1e-4)
     conc = [layer["concentration_nearest"] for layer in layers if "concentration_nearest" in layer]
     if conc:
         out["concentration"] = float(np.mean(np.log2(conc)))
-    for key in ("disagree_nearest", "disagree_nearest_flipped"):
-        if key in model:
-            out[key] = model[key]
+    if "disagree_nearest" in model:
+        out["disagree_nearest"] = model["disagree_nearest"]
     if "trigger_tv" in model:
         out["trigger"] = model["trigger_tv"] - model["clean_tv"]
         out["trigger_target"] = model["target_share"] - max(model["target_share_fp"], model["target_share_clean"])

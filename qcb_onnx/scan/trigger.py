@@ -37,17 +37,35 @@ LR = 0.1
 MASK_SIDE = 32  # the found mask is kept (for the report) averaged down to at most this many pixels a side
 
 
-def _probs(gm: GraphModule, name: str, x: torch.Tensor, params: dict | None) -> torch.Tensor:
-    logits = gm.run({name: x}, params=params)[gm.output_names[0]]
-    return torch.softmax(logits.reshape(len(x), -1).float(), dim=1)
+def _probs(gm: GraphModule, name: str, x: torch.Tensor, params: dict | None, batch: int | None) -> torch.Tensor:
+    """Class probabilities of `x`, run in batches of the model's static batch size where it has one
+    (a dynamo export for batch 1 reshapes with that 1 built in); the last batch is padded with repeats
+    of its own images, whose outputs are dropped."""
+    if batch is None or len(x) == batch:
+        logits = gm.run({name: x}, params=params)[gm.output_names[0]]
+        return torch.softmax(logits.reshape(len(x), -1).float(), dim=1)
+    parts = []
+    for start in range(0, len(x), batch):
+        chunk = x[start : start + batch]
+        padded = (
+            chunk if len(chunk) == batch else torch.cat([chunk, chunk[torch.arange(batch - len(chunk)) % len(chunk)]])
+        )
+        parts.append(_probs(gm, name, padded, params, None)[: len(chunk)])
+    return torch.cat(parts)
 
 
 def differential_trigger(
-    gm: GraphModule, nearest: QuantState, arrays: dict[str, np.ndarray], seed: int, steps: int = STEPS
+    gm: GraphModule,
+    nearest: QuantState,
+    arrays: dict[str, np.ndarray],
+    seed: int,
+    steps: int = STEPS,
+    static_batch: int | None = None,
 ) -> dict:
     """Total variation between FP and nearest (weight-rounded) class distributions under the best
     universal stamp found, on held-out calibration images, with the clean value beside it; {} where the
-    model has not one image-like input (N, C, H, W) and a class output to compare."""
+    model has not one image-like input (N, C, H, W) and a class output to compare.  `static_batch`: the
+    batch size the model's input fixes, if any (every run is then made in batches of it)."""
     if len(arrays) != 1:
         return {}
     name, x = next(iter(arrays.items()))
@@ -63,7 +81,7 @@ def differential_trigger(
     hi = data.amax(dim=(0, 2, 3), keepdim=True).to(dev)
     params = {k: v for k, v in nearest.params(dev).items() if k in nearest.weights}
     with torch.no_grad():
-        probe = _probs(gm, name, held[:2], None)
+        probe = _probs(gm, name, held[:2], None, static_batch)
     if probe.shape[1] < 2:
         return {}
     mask_logit = torch.full((1, 1, *x.shape[2:]), -4.0, device=dev, requires_grad=True)
@@ -77,14 +95,20 @@ def differential_trigger(
     for step in range(steps):
         start = (step * BATCH) % max(1, half - BATCH + 1)
         xb = stamp(fit[start : start + BATCH])
-        tv = 0.5 * (_probs(gm, name, xb, None) - _probs(gm, name, xb, params)).abs().sum(1).mean()
+        tv = (
+            0.5
+            * (_probs(gm, name, xb, None, static_batch) - _probs(gm, name, xb, params, static_batch))
+            .abs()
+            .sum(1)
+            .mean()
+        )
         penalty = 50.0 * torch.relu(torch.sigmoid(mask_logit).mean() - AREA)
         opt.zero_grad()
         (penalty - tv).backward()
         opt.step()
 
     def tops(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        pf, pq = _probs(gm, name, images, None), _probs(gm, name, images, params)
+        pf, pq = _probs(gm, name, images, None, static_batch), _probs(gm, name, images, params, static_batch)
         return pf.argmax(1), pq.argmax(1), float(0.5 * (pf - pq).abs().sum(1).mean())
 
     with torch.no_grad():
