@@ -30,6 +30,7 @@ from .errors import UsageError
 CALIB_METHODS = ("minmax", "percentile", "mse")
 GUIDES = ("element", "neuron")
 DEVICES = ("auto", "cpu", "cuda")
+WEIGHT_FORMATS = ("qdq", "matmulnbits")
 
 
 def default_headroom(a_bits: int | None) -> float:
@@ -72,9 +73,22 @@ class WeightScheme:
     int8_storage: bool = False  # 2..4-bit integers in INT8 tensors: ORT's CPU EP fuses those, not INT4
     exclude: tuple[str, ...] = ()  # node names or op types left in float (weights and activations)
     int32_bias: bool = True  # ORT's int32 bias behind a quantized input; False keeps it FP32 (TensorRT)
+    # block-wise 4-bit MatMul/Gemm weights (ORT's MatMulNBits quantizer, blockwise.py); None: per channel
+    block_size: int | None = None
+    w_asymmetric: bool = False  # block-wise only: per-block zero points (ORT's is_symmetric=False)
+    weight_format: str = "qdq"  # block-wise only: "qdq" (DequantizeLinear block_size) or "matmulnbits"
 
     def __post_init__(self) -> None:
         _integer("w_bits", self.w_bits, 2, 8)
+        _choice("weight_format", self.weight_format, WEIGHT_FORMATS, "weight format")
+        if self.block_size is not None:
+            from .blockwise import check_block_size
+
+            check_block_size(self.block_size)
+            if self.w_bits != 4 or self.int8_storage:
+                raise UsageError("--block-size is ORT's block-wise int4: it needs --w-bits 4 and no --int8-storage")
+        elif self.w_asymmetric or self.weight_format != "qdq":
+            raise UsageError("--w-asymmetric and --weight-format matmulnbits need --block-size")
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", tuple(e.strip() for e in self.exclude.split(",") if e.strip()))
         if not all(isinstance(e, str) and e for e in self.exclude):
@@ -182,13 +196,15 @@ TARGETS: dict[str, dict[str, Any]] = {
     # per-channel weights on the output axis, FP32 bias (TensorRT fuses the bias itself; its
     # DequantizeLinear takes int8, not int32)
     "tensorrt": {"a_symmetric": True, "int32_bias": False},
-    # 4-bit weights, activations in float: ONNX INT4 DequantizeLinear (opset 21)
-    "int4-weight-only": {"w_bits": 4, "a_bits": None},
+    # 4-bit weights, activations in float: MatMul/Gemm weights block-wise as ORT's MatMulNBits quantizer
+    # (its command line's defaults: blocks of 32, symmetric), Conv per channel; ONNX INT4 DequantizeLinear
+    # (opset 21), or MatMulNBits with --weight-format matmulnbits
+    "int4-weight-only": {"w_bits": 4, "a_bits": None, "block_size": 32},
 }
 
 
 # TOML has no null: the words a config file (and the CLI) uses where a field is None on purpose
-NONE_WORDS = {"a_bits": "none", "error_budget": "auto", "calib_size": "all"}
+NONE_WORDS = {"a_bits": "none", "error_budget": "auto", "calib_size": "all", "block_size": "none"}
 
 SECTIONS = {
     "weights": WeightScheme,
@@ -212,6 +228,10 @@ class QuantConfig:
         for section, cls in SECTIONS.items():
             if not isinstance(getattr(self, section), cls):
                 raise UsageError(f"QuantConfig.{section} must be a {cls.__name__}")
+        if self.weights.block_size is not None and self.activations.a_bits is not None:
+            raise UsageError(
+                "--block-size quantizes weights only (MatMulNBits has float activations): it needs --a-bits none"
+            )
 
     @classmethod
     def for_target(cls, target: str, base: QuantConfig | None = None) -> QuantConfig:

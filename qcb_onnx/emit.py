@@ -39,21 +39,28 @@ def _dequantized(
     axis: int | None,
     inits: list[TensorProto],
     nodes: list[onnx.NodeProto],
+    block_size: int | None = None,
+    zero_point: np.ndarray | None = None,
 ) -> str:
-    """Integers of initializer `name` (zero points 0) and their DequantizeLinear, in ORT's naming
-    (`<name>_quantized`, `<params>_scale`, `<params>_zero_point`); returns the DQ output's name."""
+    """Integers of initializer `name` (zero points 0 unless given) and their DequantizeLinear, in
+    ORT's naming (`<name>_quantized`, `<params>_scale`, `<params>_zero_point`); `block_size`: a
+    block-wise DequantizeLinear along `axis` (opset 21).  Returns the DQ output's name."""
+    zp = np.zeros(scale.shape, dtype=np.int32) if zero_point is None else zero_point
     inits += [
         _int_tensor(f"{name}_quantized", ints, onnx_type),
         numpy_helper.from_array(scale.astype(np.float32), f"{params}_scale"),
-        _int_tensor(f"{params}_zero_point", np.zeros(scale.shape, dtype=np.int32), onnx_type),
+        _int_tensor(f"{params}_zero_point", zp, onnx_type),
     ]
+    attrs = {} if axis is None else {"axis": axis}
+    if block_size is not None:
+        attrs["block_size"] = block_size
     nodes.append(
         helper.make_node(
             "DequantizeLinear",
             [f"{name}_quantized", f"{params}_scale", f"{params}_zero_point"],
             [f"{name}_DequantizeLinear_Output"],
             name=f"{name}_DequantizeLinear",
-            **({} if axis is None else {"axis": axis}),
+            **attrs,
         )
     )
     return f"{name}_DequantizeLinear_Output"
@@ -77,7 +84,9 @@ def emit_qdq(
     for name, wq in state.weights.items():
         per_channel = wq.axis is not None
         scale = wq.scale if per_channel else wq.scale.reshape(())
-        replaced[name] = _dequantized(name, wq.ints, wq.grid.onnx_type, scale, name, wq.axis, new_inits, head)
+        replaced[name] = _dequantized(
+            name, wq.ints, wq.grid.onnx_type, scale, name, wq.axis, new_inits, head, wq.block_size, wq.zero_point
+        )
     for name, bq in state.biases.items():
         replaced[name] = _dequantized(
             name, bq.ints, TensorProto.INT32, bq.scale, f"{name}_quantized", 0, new_inits, head
@@ -177,8 +186,11 @@ def emit_qdq(
 
 
 def read_weight_ints(model: onnx.ModelProto, weight: str) -> np.ndarray:
-    """The integer weight a QDQ model holds for an original weight name (ours or ORT's naming)."""
+    """The integer weight a model holds for an original weight name, in the weight's layout: a QDQ
+    initializer (ours or ORT's naming) as stored, or a MatMulNBits B unpacked (emit_nbits.py)."""
     for t in model.graph.initializer:
         if t.name == f"{weight}_quantized":
             return numpy_helper.to_array(t).astype(np.int32)
-    raise KeyError(weight)
+    from .emit_nbits import read_nbits_ints
+
+    return read_nbits_ints(model, weight)

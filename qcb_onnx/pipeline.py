@@ -24,6 +24,7 @@ from .capture import GraphModule
 from .config import QuantConfig
 from .data import batch_size_for, input_specs, load_calibration
 from .emit import emit_qdq
+from .emit_nbits import to_matmulnbits
 from .errors import CalibrationDataError
 from .load import default_opset, load_model
 from .passes import dequantize, normalize
@@ -141,6 +142,8 @@ def quantize(
         w_bits=w.w_bits,
         per_channel=w.per_channel,
         int32_bias=w.int32_bias,
+        block_size=w.block_size,
+        block_symmetric=not w.w_asymmetric,
         max_rows=r.max_rows,
         seed=run.seed,
         progress=run.progress,
@@ -158,6 +161,8 @@ def quantize(
                 k: replace(wq, grid=replace(wq.grid, onnx_type=TensorProto.INT8)) for k, wq in state.weights.items()
             }
         qdq = emit_qdq(normalized, plan, state, _metadata(config, rounded, n_images, rounder.n_images))
+        if w.weight_format == "matmulnbits":
+            qdq = to_matmulnbits(qdq, state)
 
         # verify, on up to VERIFY_SAMPLES samples in batches the model accepts
         if run.check:
@@ -184,8 +189,7 @@ def _metadata(config: QuantConfig, rounded: Rounded, n_images: int, rounding_ima
         "w_bits": str(w.w_bits),
         "a_bits": "none" if a.a_bits is None else str(a.a_bits),
         "weight_storage": w.storage,
-        "scheme": ("per-channel" if w.per_channel else "per-tensor")
-        + " symmetric int weights, asymmetric uint activations",
+        "scheme": _scheme(config),
         "calibration_size": str(n_images),
         **({"rounding_samples": str(rounding_images)} if rounding_images < n_images else {}),
         "rounding": rounded.method.params(),
@@ -205,6 +209,20 @@ def _metadata(config: QuantConfig, rounded: Rounded, n_images: int, rounding_ima
     if a.preprocess is not None:
         meta["preprocess"] = a.preprocess.to_metadata()
     return meta
+
+
+def _scheme(config: QuantConfig) -> str:
+    w, a = config.weights, config.activations
+    weights = ("per-channel" if w.per_channel else "per-tensor") + " symmetric int weights"
+    if w.block_size is not None:
+        kind = "asymmetric uint4" if w.w_asymmetric else "symmetric int4"
+        weights = f"block-wise ({w.block_size}) {kind} MatMul/Gemm weights ({w.weight_format}), {weights} elsewhere"
+    acts = (
+        "float activations"
+        if a.a_bits is None
+        else f"{'symmetric int' if a.a_symmetric else 'asymmetric uint'} activations"
+    )
+    return f"{weights}, {acts}"
 
 
 def _fingerprint(model: onnx.ModelProto, arrays: dict[str, np.ndarray], options: dict[str, Any]) -> str:

@@ -36,17 +36,30 @@ class ActQuant:
 
 @dataclass
 class WeightQuant:
-    """Integer weight of one layer, in the weight tensor's own layout."""
+    """Integer weight of one layer, in the weight tensor's own layout: the integers the file stores.
+
+    Per channel / per tensor: `scale` (C,) or (1,), zero point 0.  Block-wise (`block_size` set):
+    `axis` is the blocked (input) axis and `scale` / `zero_point` have the weight's shape with that
+    axis cut to the number of blocks: DequantizeLinear's block layout (opset 21)."""
 
     ints: np.ndarray  # int32 values on the grid
-    scale: np.ndarray  # float32, (C,) per channel or (1,) per tensor
+    scale: np.ndarray  # float32, (C,) per channel or (1,) per tensor; block-wise: see above
     axis: int | None  # None: per tensor
     grid: Grid
+    block_size: int | None = None
+    zero_point: np.ndarray | None = None  # block-wise asymmetric only (int32, scale's shape)
+
+    def expand(self, values: np.ndarray) -> np.ndarray:
+        """A block-wise parameter over every weight element."""
+        n = self.ints.shape[self.axis]
+        return np.take(np.repeat(values, self.block_size, axis=self.axis), np.arange(n), axis=self.axis)
 
     def dequantized(self) -> np.ndarray:
-        return (self.ints.astype(np.float32) * broadcast_scale(self.scale, self.ints.ndim, self.axis)).astype(
-            np.float32
-        )
+        if self.block_size is None:
+            scale = broadcast_scale(self.scale, self.ints.ndim, self.axis)
+            return (self.ints.astype(np.float32) * scale).astype(np.float32)
+        ints = self.ints if self.zero_point is None else self.ints - self.expand(self.zero_point)
+        return (ints.astype(np.float32) * self.expand(self.scale.astype(np.float32))).astype(np.float32)
 
 
 @dataclass

@@ -33,7 +33,7 @@ TARGET = 0
 # attack recipes on digits / SmallCNN width 16 (clean: 30 epochs Adam 2e-3)
 RECIPES = {
     "quanti": dict(epochs=80, lr=2e-3, c2=1.0),
-    "compartifact": dict(epochs=80, lr=3e-3, momentum=0.1),
+    "compartifact": dict(epochs=120, lr=3e-3, momentum=0.1),
     "pqbackdoor": dict(epochs=20, stage1_epochs=20, poison_ratio=0.2),
 }
 SEEDS = (0, 1)

@@ -102,7 +102,7 @@ def test_flags_override_the_target_and_bad_combinations_are_one_line(tmp_path, c
     sample, calib = "samples/qcb_digits.onnx", "samples/calib.npy"
     out = tmp_path / "w8.onnx"
     args = ["convert", sample, "--calib", calib, "--out", str(out), "--method", "nearest", "--calib-size", "32"]
-    assert main([*args, "--target", "int4-weight-only", "--w-bits", "8", "--quiet"]) == 0
+    assert main([*args, "--target", "int4-weight-only", "--w-bits", "8", "--block-size", "none", "--quiet"]) == 0
     assert {t.data_type for t in onnx.load(out).graph.initializer if t.name.endswith("_quantized")} == {
         TensorProto.INT8
     }

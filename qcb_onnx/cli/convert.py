@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from ..config import CALIB_METHODS, DEVICES, GUIDES, TARGETS, QuantConfig
+from ..config import CALIB_METHODS, DEVICES, GUIDES, TARGETS, WEIGHT_FORMATS, QuantConfig
 from ..output import check_output, write_atomic
 from .args import bits_or_none, number_or
 
@@ -52,6 +52,19 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
         dest="int32_bias",
         action="store_false",
         help="keep biases FP32 instead of ORT's int32 bias behind a quantized input (TensorRT)",
+    )
+    c.add_argument(
+        "--block-size",
+        type=bits_or_none,
+        help="block-wise int4 MatMul/Gemm weights, blocks of N input elements (16..256, a power of 2), "
+        "as ORT's MatMulNBits quantizer; weight-only (--a-bits none); --target int4-weight-only sets 32; "
+        "none: per channel",
+    )
+    c.add_argument("--w-asymmetric", action="store_true", help="block-wise: per-block zero points (ORT's default)")
+    c.add_argument(
+        "--weight-format",
+        choices=WEIGHT_FORMATS,
+        help="block-wise: qdq (DequantizeLinear with block_size, opset 21; default) or matmulnbits (com.microsoft)",
     )
     c.add_argument(
         "--exclude",

@@ -99,7 +99,7 @@ def adaround(problem: LayerProblem, config: AdaRound, base: float, seed: int) ->
     p = ((frac - gamma) / (zeta - gamma)).clamp(1e-4, 1 - 1e-4)
     v = torch.log(p / (1 - p)).to(dtype).requires_grad_(True)
     opt = torch.optim.Adam([v], lr=learning_rate(config.lr, config.iters))
-    qmin, qmax = problem.grid.qmin, problem.grid.qmax
+    qmin, qmax = problem.bounds(dtype)
     n = v.numel()
     for step in range(config.iters):
         h = torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0.0, 1.0)

@@ -94,7 +94,7 @@ def prepare(problem: LayerProblem, damp: float = 0.01) -> tuple[torch.Tensor, to
     U = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     w = _columns(problem.weight.reshape(g, out // g, d), order)
     d_star = -torch.cholesky_solve(_columns(m.Q.double(), order).transpose(1, 2), chol).transpose(1, 2)  # -Q A^-1
-    target = (w + d_star) / problem.scale.reshape(g, out // g, 1)
+    target = (w + d_star) / problem.scale[:, :1].reshape(g, out // g, 1)  # in units of the row's first scale
     return target, U, order
 
 
@@ -131,13 +131,19 @@ def round_pass(
     target, U, order = prepared
     g, o, d = target.shape
     t = target.clone()
-    lo = _columns(problem.floor.clamp(problem.grid.qmin, problem.grid.qmax).reshape(g, o, d), order)
-    hi = _columns((problem.floor + 1).clamp(problem.grid.qmin, problem.grid.qmax).reshape(g, o, d), order)
+    lo = _columns(problem.clamp(problem.floor).reshape(g, o, d), order)
+    hi = _columns(problem.clamp(problem.floor + 1).reshape(g, o, d), order)
     threshold = (lo + hi) / 2
     diag = torch.diagonal(U, dim1=-2, dim2=-1)  # (g, d)
+    # block-wise scales: column j's scale over the row's first, the unit t is kept in (None: one scale a row)
+    rel = None
+    if problem.scale.shape[1] > 1:
+        rel = _columns((problem.scale / problem.scale[:, :1]).reshape(g, o, d), order)
     if bonus is not None:
         sign = 1.0 - 2.0 * problem.nearest_up  # +1 where the flipped decision is hi, -1 where lo
-        shift = _columns((sign * bonus).reshape(g, o, d), order) / (2 * problem.scale.reshape(g, o, 1).pow(2))
+        s2 = problem.scale.pow(2)
+        s2 = s2.reshape(g, o, 1) if rel is None else _columns(s2.reshape(g, o, d), order)
+        shift = _columns((sign * bonus).reshape(g, o, d), order) / (2 * s2)
         threshold = threshold - shift * diag.pow(2)[:, None, :]
     inv_diag = 1.0 / diag
     up = torch.empty_like(t, dtype=torch.bool)
@@ -146,9 +152,14 @@ def round_pass(
         err = torch.empty(g, o, end - start, dtype=t.dtype, device=t.device)
         for j in range(start, end):
             tj = t[:, :, j]
-            pick = tj > threshold[:, :, j]
+            if rel is None:
+                pick = tj > threshold[:, :, j]
+                q = torch.where(pick, hi[:, :, j], lo[:, :, j])
+            else:
+                pick = tj / rel[:, :, j] > threshold[:, :, j]
+                q = torch.where(pick, hi[:, :, j], lo[:, :, j]) * rel[:, :, j]
             up[:, :, j] = pick
-            e = (tj - torch.where(pick, hi[:, :, j], lo[:, :, j])) * inv_diag[:, j, None]
+            e = (tj - q) * inv_diag[:, j, None]
             err[:, :, j - start] = e
             if j + 1 < end:
                 t[:, :, j + 1 : end] -= e.unsqueeze(-1) * U[:, j, None, j + 1 : end]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, blockwise
 from ..capture import GraphModule
 from ..errors import QcbNote
 from ..plan import Layer, QuantPlan
@@ -98,6 +98,48 @@ def layer_problem(
     return problem
 
 
+def block_problem(
+    w: np.ndarray, layer: Layer, blocks: blockwise.Blocks, grid: Grid, device: torch.device
+) -> LayerProblem:
+    """A MatMul/Gemm weight on ORT's block-wise 4-bit grid (blockwise.py), canonical: the integers are
+    u - zero_point, within [-zp, 15 - zp] per block; floor and nearest from MLAS's own quotient, so that
+    nearest is ORT's integer.  An all-zero block (scale 0) keeps its only value, 0."""
+    wc = canonical(w, layer).astype(np.float32)
+    d = wc.shape[1]
+    zp = blocks.expand(blocks.zero_point, d).astype(np.float64)
+    scale = blocks.expand(blocks.scale, d).astype(np.float64)
+    zero = scale == 0
+    floor = np.where(zero, 0.0, np.floor(blockwise.quotient(wc, blocks)))
+    nearest = blockwise.nearest_unsigned(wc, blocks) - zp
+    nearest_up = np.clip(nearest - floor, 0, 1)
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(device)
+
+    return LayerProblem(
+        weight=t(wc),
+        scale=t(np.where(zero, 1.0, scale)),
+        floor=t(floor),
+        nearest_up=t(nearest_up),
+        grid=grid,
+        groups=1,
+        moments=None,
+        lower=t(np.where(zero, 0.0, -zp)),
+        upper=t(np.where(zero, 0.0, blockwise.QMAX - zp)),
+    )
+
+
+def block_weight(ints_c: np.ndarray, layer: Layer, shape: tuple[int, ...], blocks: blockwise.Blocks) -> WeightQuant:
+    """Canonical signed integers as the file stores them: signed INT4 (symmetric, zero point 8 implied,
+    as ORT's QDQ output) or UINT4 u with its zero points (asymmetric), in DequantizeLinear's layout."""
+    axis = 1 - layer.axis  # the input axis of a 2-D MatMul / Gemm weight
+    zp = None if blocks.symmetric else from_canonical(blocks.zero_point, layer, ()).astype(np.int32)
+    stored = ints_c if blocks.symmetric else ints_c + blocks.expand(blocks.zero_point, ints_c.shape[1])
+    scale = from_canonical(blocks.scale, layer, ()).astype(np.float32)
+    grid = weight_grid(4) if blocks.symmetric else blockwise.UNSIGNED_GRID
+    return WeightQuant(from_canonical(stored, layer, shape).astype(np.int32), scale, axis, grid, blocks.block_size, zp)
+
+
 class ModelRounder:
     """The layer loop bound to one model, its calibrated activations and its calibration batches.
 
@@ -119,6 +161,8 @@ class ModelRounder:
         per_channel: bool,
         max_rows: int,
         int32_bias: bool = True,
+        block_size: int | None = None,
+        block_symmetric: bool = True,
         seed: int,
         progress: bool = False,
         checkpoint: Path | None = None,
@@ -130,6 +174,7 @@ class ModelRounder:
         self.grid = weight_grid(w_bits)
         self.per_channel, self.max_rows, self.seed, self.progress = per_channel, max_rows, seed, progress
         self.int32_bias = int32_bias
+        self.block_size, self.block_symmetric = block_size, block_symmetric
         self.checkpoint, self.fingerprint, self.resume = checkpoint, fingerprint, resume
         self.checkpoints: list[Checkpoint] = []  # every file written, removed once the output is verified
 
@@ -159,13 +204,33 @@ class ModelRounder:
                 )
         return batches[: self._kept]
 
+    def _problem(self, w: np.ndarray, layer: Layer) -> tuple[LayerProblem, Callable[[np.ndarray | None], WeightQuant]]:
+        """The layer's rounding problem, and how canonical integers become its WeightQuant (None: a
+        placeholder whose integers a checkpoint fills in)."""
+        grid, gm = self.grid, self.gm
+        if self.block_size is not None and layer.op_type in blockwise.BLOCK_OPS:
+            blocks = blockwise.block_params(canonical(w, layer), self.block_size, self.block_symmetric)
+
+            def as_blocks(ints_c: np.ndarray | None) -> WeightQuant:
+                ints_c = np.zeros(canonical(w, layer).shape) if ints_c is None else ints_c
+                return block_weight(ints_c.astype(np.int32), layer, w.shape, blocks)
+
+            return block_problem(w, layer, blocks, grid, gm.device), as_blocks
+        scale, axis = layer_scale(w, layer, grid, self.per_channel, gm, self.acts if self.int32_bias else {})
+
+        def as_channels(ints_c: np.ndarray | None) -> WeightQuant:
+            ints = np.zeros(w.shape, np.int32) if ints_c is None else from_canonical(ints_c, layer, w.shape)
+            return WeightQuant(ints.astype(np.int32), scale, axis, grid)
+
+        return layer_problem(w, layer, grid, scale, axis, gm.device), as_channels
+
     def remove_checkpoints(self) -> None:
         for ckpt in self.checkpoints:
             ckpt.remove()
 
     def run(self, method: RoundingMethod, tag: str = "") -> tuple[QuantState, list[LayerReport]]:
         """Quantize every layer's weight with `method`, in order; the state and per-layer evidence."""
-        gm, grid = self.gm, self.grid
+        gm = self.gm
         state = QuantState(acts=self.acts)
         checkpoint = self._checkpoint_for(method, tag)
         prefix = Prefix(gm, self.data_batches() if method.data != "none" else [])
@@ -175,11 +240,12 @@ class ModelRounder:
         for layer in bar:
             bar.set_postfix_str(layer.node or layer.weight)
             w = gm.params[layer.weight].detach().cpu().numpy().astype(np.float32)
-            scale, axis = layer_scale(w, layer, grid, self.per_channel, gm, self.acts if self.int32_bias else {})
-            problem = layer_problem(w, layer, grid, scale, axis, gm.device)
+            problem, weight_quant = self._problem(w, layer)
             if layer.weight in done:
                 ints, report, shift = done[layer.weight]
-                _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid), shift, self.int32_bias)
+                wq = weight_quant(None)
+                wq.ints = ints
+                _commit(state, gm, layer, wq, shift, self.int32_bias)
                 reports.append(report)
                 continue
             ctx = LayerContext(gm, self.plan, layer, tuple(w.shape), self.seed + layer.index)
@@ -191,18 +257,17 @@ class ModelRounder:
             elif method.data == "samples":
                 ctx.samples = prefix.inputs(layer.input, state)
             result = method.solve(problem, ctx)
-            ints_c = np.clip(problem.floor.cpu().numpy() + result.up, grid.qmin, grid.qmax)
-            ints = from_canonical(ints_c, layer, w.shape).astype(np.int32)
+            up = torch.from_numpy(result.up).to(problem.weight)
+            wq = weight_quant(problem.clamp(problem.floor + up).cpu().numpy())
             shift = None
             if method.corrects_bias and layer.bias is not None:
-                up = torch.from_numpy(result.up).to(problem.weight)
                 shift = problem.moments.output_shift(hard_weight(problem, up) - problem.weight).cpu().numpy()
-            _commit(state, gm, layer, WeightQuant(ints, scale, axis, grid), shift, self.int32_bias)
+            _commit(state, gm, layer, wq, shift, self.int32_bias)
             reports.append(
                 LayerReport(layer.node, layer.weight, tuple(w.shape), result.flip_ratio, result.error, result.strength)
             )
             if checkpoint:
-                done[layer.weight] = (ints, reports[-1], shift)
+                done[layer.weight] = (wq.ints, reports[-1], shift)
                 checkpoint.save(done)
         return state, reports
 

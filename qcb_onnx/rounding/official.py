@@ -89,7 +89,7 @@ def solve_official(
     flipped = (1.0 - problem.nearest_up).to(dtype)
     error = (w - hard_weight(problem, problem.nearest_up).to(dtype)).abs()  # |e| in weight units
     opt = torch.optim.Adam([v], lr=lr)
-    qmin, qmax = problem.grid.qmin, problem.grid.qmax
+    qmin, qmax = problem.bounds(dtype)
 
     def forward(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(rows, out): the layer's output at every (image, position), fused Relu included."""

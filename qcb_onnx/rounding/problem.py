@@ -25,6 +25,20 @@ class LayerProblem:
     grid: Grid
     groups: int
     moments: Moments | None
+    # per-element integer bounds (out, d) where they differ (block-wise zero points: [-zp, 15 - zp]);
+    # None: the grid's [qmin, qmax] everywhere
+    lower: torch.Tensor | None = None
+    upper: torch.Tensor | None = None
+
+    def bounds(self, dtype: torch.dtype | None = None) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """The integer bounds `torch.clamp` takes: the grid's, or the per-element ones in `dtype`."""
+        if self.lower is None or self.upper is None:
+            return self.grid.qmin, self.grid.qmax
+        return self.lower.to(dtype or self.lower.dtype), self.upper.to(dtype or self.upper.dtype)
+
+    def clamp(self, q: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.bounds(q.dtype)
+        return torch.clamp(q, lo, hi)
 
 
 @dataclass
@@ -61,12 +75,11 @@ def nearest_error(problem: LayerProblem) -> float:
 
 
 def hard_weight(problem: LayerProblem, up: torch.Tensor) -> torch.Tensor:
-    q = torch.clamp(problem.floor + up, problem.grid.qmin, problem.grid.qmax)
-    return q * problem.scale
+    return problem.clamp(problem.floor + up) * problem.scale
 
 
 def layer_result(problem: LayerProblem, up: torch.Tensor, err: float, strength: float) -> LayerResult:
-    g = problem.grid  # count changed integers: a decision clamped at the grid edge changes nothing
-    q = torch.clamp(problem.floor + up, g.qmin, g.qmax)
-    flips = (q != torch.clamp(problem.floor + problem.nearest_up, g.qmin, g.qmax)).double().mean().item()
+    # count changed integers: a decision clamped at the grid edge changes nothing
+    q = problem.clamp(problem.floor + up)
+    flips = (q != problem.clamp(problem.floor + problem.nearest_up)).double().mean().item()
     return LayerResult(up.to(torch.uint8).cpu().numpy(), flips, err, strength)

@@ -34,6 +34,12 @@ def _dq_axes(qdq: onnx.ModelProto) -> dict[str, int | None]:
     return axes
 
 
+def _blockwise(node: onnx.NodeProto) -> bool:
+    return node.op_type == "MatMulNBits" or (
+        node.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in node.attribute)
+    )
+
+
 def convert_signals(fp_model: str | Path, qdq: onnx.ModelProto, w_bits: int) -> list[dict]:
     """Weight signals of every layer `convert` quantized, from the FP source and its output."""
     normalized = normalize(load_model(fp_model))
@@ -55,6 +61,8 @@ def convert_signals(fp_model: str | Path, qdq: onnx.ModelProto, w_bits: int) -> 
 
 def convert_verdict(fp_model: str | Path, qdq: onnx.ModelProto, w_bits: int, per_channel: bool) -> str:
     """convert's one summary line on the scan's cheap signals (or why there is none)."""
+    if any(_blockwise(node) for node in qdq.graph.node):
+        return "scan (cheap signals): no clean reference for block-wise int4 weights (it holds per-channel CNNs)"
     reference = load_reference()
     section = reference.get(scheme_name(per_channel))
     layers = convert_signals(fp_model, qdq, w_bits)
