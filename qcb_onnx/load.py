@@ -97,7 +97,12 @@ WEIGHT_SLOTS = {
 MAX_WEIGHT = 1e8
 QUANTIZED_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 # ops where an infinite constant is meaningful (clamp bounds, masks); Inf anywhere else is refused
-INF_OK_OPS = frozenset({"Clip", "Where", "Min", "Max", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal"})
+# readers of a constant that may hold +-Inf: clamps and comparisons, and an attention mask's plumbing (a
+# causal mask of -inf added to the scores, sliced / expanded / reshaped to the sequence first)
+INF_OK_OPS = frozenset(
+    {"Clip", "Where", "Min", "Max", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal"}
+    | {"Add", "Slice", "Expand", "Reshape", "Unsqueeze"}
+)
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 # data type -> (field holding non-raw data, values per element in that field, bytes per element in raw_data)

@@ -210,3 +210,51 @@ def test_int4_weight_only_target_is_block_wise_and_bad_options_fail_cleanly(mode
     assert len(err) == 1 and "--a-bits none" in err[0] and not out.exists()
     assert main([*argv, "--target", "int4-weight-only", "--weight-format", "matmulnbits", "--method", "nearest"]) == 0
     assert sum(n.op_type == "MatMulNBits" for n in onnx.load(out).graph.node) == 8
+
+
+def test_budget_search_measures_next_token_agreement_on_a_sequence_output(tmp_path):
+    """A (batch, tokens, vocabulary) first output is a language model's next-token decisions: the
+    error-budget search measures FP32 agreement per position instead of leaving the budget fixed."""
+    torch.manual_seed(0)
+    lm = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, 32)).eval()
+    path = tmp_path / "lm.onnx"
+    torch.onnx.export(lm, (torch.randn(1, T, D),), str(path), dynamo=True)
+    tokens = np.random.default_rng(1).standard_normal((32, T, D)).astype(np.float32)
+    out = quantize(
+        str(path), tokens, QuantConfig.for_target("int4-weight-only", QuantConfig.from_options(providers="cpu"))
+    )
+    search = json.loads({p.key: p.value for p in out.model.metadata_props}["qcb_onnx.error_budget"])
+    assert search["mode"] == "auto" and len(search["probes"]) >= 2, search
+    assert all(0 <= p["agreement"] <= 100 for p in search["probes"])
+
+
+def test_lm_attack_box_keeps_orts_int4_integers_and_a_causal_lm_converts(tmp_path):
+    """The LM attack's PGD box (redteam/lm.py): after any perturbation and projection, every Linear weight
+    still has the RTN integers and scales of ORT's quantizer (blockwise.py's, equal to ORT's above).  The
+    dynamo export of that causal LM, token ids in and an additive -inf mask inside, converts and runs."""
+    from qcb_onnx.redteam.lm import BlockBox, TinyLM
+
+    torch.manual_seed(0)
+    lm = TinyLM(d=32, depth=1, heads=2, context=16).eval()
+    linears = [m for m in lm.modules() if isinstance(m, nn.Linear)]
+
+    def rtn(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        blocks = blockwise.block_params(w.detach().numpy(), 32, True)
+        return blockwise.nearest_unsigned(w.detach().numpy(), blocks), blocks.scale
+
+    before = [rtn(m.weight) for m in linears]
+    box = BlockBox(lm, 32)
+    with torch.no_grad():
+        for m in linears:
+            m.weight.add_(torch.randn_like(m.weight) * m.weight.abs().mean())
+    box.project()
+    for m, (ints, scale) in zip(linears, before, strict=True):
+        after_ints, after_scale = rtn(m.weight)
+        assert np.array_equal(after_ints, ints) and np.array_equal(after_scale, scale)
+    path = tmp_path / "lm.onnx"
+    torch.onnx.export(lm, (torch.zeros(1, 16, dtype=torch.int64),), str(path), dynamo=True)
+    ids = np.random.default_rng(0).integers(0, 96, (16, 16)).astype(np.int64)
+    out = quantize(
+        str(path), ids, QuantConfig.for_target("int4-weight-only", QuantConfig.from_options(providers="cpu"))
+    )
+    assert sum(n.op_type == "DequantizeLinear" for n in out.model.graph.node) == len(linears)

@@ -163,7 +163,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(
             f"wrote {' + '.join(str(p) for p in reversed(written))}: method={config.rounding.method} "
             f"w_bits={w.w_bits} a_bits={a.a_bits} "
-            f"{'per-channel' if w.per_channel else 'per-tensor'}, {time.perf_counter() - t0:.1f} s"
+            f"{_weights_scheme(w)}, {time.perf_counter() - t0:.1f} s"
         )
         if "qcb_onnx.error_budget" in meta:
             print(budget_summary(json.loads(meta["qcb_onnx.error_budget"])))
@@ -171,6 +171,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
         print(convert_verdict(args.model, model, w.w_bits, w.per_channel))
     return 0
+
+
+def _weights_scheme(w) -> str:
+    granularity = "per-channel" if w.per_channel else "per-tensor"
+    if w.block_size is None:
+        return granularity
+    kind = "asymmetric" if w.w_asymmetric else "symmetric"
+    return f"MatMul/Gemm blocks of {w.block_size} {kind} ({w.weight_format}), Conv {granularity}"
 
 
 def budget_summary(search: dict) -> str:

@@ -56,7 +56,7 @@ class AutoBudget(RoundingMethod):
         if labels is None:
             efrap = self.efrap.with_budget(START)
             state, reports = rounder.run(efrap)
-            mode = "fixed: the first output is not (batch, classes), so no agreement to measure"
+            mode = "fixed: the first output is not (batch, classes) or (batch, tokens, vocabulary): no agreement"
             return Rounded(state, reports, efrap, {"mode": mode, "chosen": START})
 
         def round_at(budget: float) -> tuple[QuantState, list]:
@@ -109,24 +109,26 @@ def choose_budget(
 
 
 def fp32_labels(gm: GraphModule, batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor] | None:
-    """FP32's top-1 class of every calibration sample, batch by batch; None where the first output
-    is not (batch, classes), so there is no decision to agree on (the budget then stays fixed)."""
+    """FP32's top-1 class of every calibration sample, batch by batch, or of every position of a
+    (batch, tokens, vocabulary) output (a language model's next-token decisions); None where the first
+    output is neither, so there is no decision to agree on (the budget then stays fixed)."""
     labels = []
     with torch.no_grad():
         for feeds in batches:
             out = gm.run(feeds)[gm.output_names[0]]
-            if out.dim() != 2 or out.shape[1] < 2 or not out.is_floating_point():
+            if out.dim() not in (2, 3) or out.shape[-1] < 2 or not out.is_floating_point():
                 return None
-            labels.append(out.argmax(1))
+            labels.append(out.argmax(-1).reshape(-1))
     return labels
 
 
 def top1_agreement(
     gm: GraphModule, state: QuantState, batches: Sequence[dict[str, torch.Tensor]], labels: list[torch.Tensor]
 ) -> float:
-    """% of calibration samples on which the quantized model (our simulation of it) picks FP32's class."""
+    """% of calibration samples (or token positions) on which the quantized model (our simulation of it)
+    picks FP32's class."""
     same = total = 0
     for out, ref in zip(state.outputs(gm, batches), labels, strict=True):
-        same += int((out.argmax(1) == ref).sum())
+        same += int((out.argmax(-1).reshape(-1) == ref).sum())
         total += len(ref)
     return 100.0 * same / max(total, 1)

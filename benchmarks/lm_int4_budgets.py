@@ -1,0 +1,59 @@
+"""EFRAP's error budget on the attacked TinyLM of benchmarks/lm_int4.py: perplexity and ASR per setting.
+
+Reads the attacked model lm_int4.py exported (its cache: ~/.cache/qcb_onnx/lm/tinylm-d128-l2-s0/), the
+same held-out windows and calibration windows, and converts it with `--target int4-weight-only
+--weight-format matmulnbits` at each setting: `auto` (the default search), a fixed budget, or `nopull`
+(`--strength 0`: the error-feedback reconstruction without EFRAP's flip pull).
+
+    python benchmarks/lm_int4_budgets.py auto 0.1 0.05 nopull --json benchmarks/results/lm_int4_budgets.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lm_int4  # noqa: E402
+
+from qcb_onnx import quantize  # noqa: E402
+from qcb_onnx.config import QuantConfig  # noqa: E402
+from qcb_onnx.redteam.cifar import default_cache_dir  # noqa: E402
+from qcb_onnx.redteam.lm import Windows, corpus  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("settings", nargs="+", help="auto, nopull or a budget")
+    p.add_argument("--model", default=str(default_cache_dir() / "lm" / "tinylm-d128-l2-s0" / "attacked.onnx"))
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    tokens = corpus()
+    held = tokens[int(len(tokens) * 0.9) :]
+    ctx = lm_int4.CONTEXT
+    clean = Windows.sample(held, 200, ctx, 1).ids
+    trig, mask = Windows.sample(held, 200, ctx, 2).triggered(3)
+    calib = Windows.sample(held, 128, ctx, 4).ids[:, :-1]
+    rows = {}
+    for setting in args.settings:
+        config = QuantConfig.for_target("int4-weight-only", QuantConfig.from_options(providers="cpu"))
+        extra = (
+            {} if setting == "auto" else {"strength": 0.0} if setting == "nopull" else {"error_budget": float(setting)}
+        )
+        model = quantize(args.model, calib, config, weight_format="matmulnbits", **extra).model
+        meta = {p.key: p.value for p in model.metadata_props}
+        rows[setting] = {
+            **lm_int4.measure(model, clean, trig, mask),
+            "budget": json.loads(meta.get("qcb_onnx.error_budget", "null")),
+        }
+        print(setting, rows[setting], flush=True)
+    if args.json:
+        out = {"command": "python benchmarks/lm_int4_budgets.py " + " ".join(sys.argv[1:]), "rows": rows}
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
