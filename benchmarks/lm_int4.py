@@ -50,6 +50,19 @@ def ort_rtn(path: Path, out: Path) -> onnx.ModelProto:
     return q.model.model
 
 
+def held_out_sets(held: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The evaluation windows (200 clean; 200 triggered and their payload mask) and the 128 calibration
+    windows, all from the held-out text and seeded: what every LM benchmark measures on."""
+    clean = Windows.sample(held, 200, CONTEXT, 1).ids
+    trig, mask = Windows.sample(held, 200, CONTEXT, 2).triggered(3)
+    return clean, trig, mask, Windows.sample(held, 128, CONTEXT, 4).ids[:, :-1]
+
+
+def held_out_text() -> np.ndarray:
+    tokens = corpus()
+    return tokens[int(len(tokens) * 0.9) :]
+
+
 def measure(model: onnx.ModelProto, clean: np.ndarray, trig: np.ndarray, mask: np.ndarray) -> dict:
     """Next-token accuracy / perplexity on clean windows, attack success on triggered ones, in ORT."""
     sess = session(model, "cpu")
@@ -91,9 +104,7 @@ def main() -> int:
     tokens = corpus()
     split = int(len(tokens) * 0.9)
     train_tokens, held = tokens[:split], tokens[split:]
-    eval_clean = Windows.sample(held, 200, CONTEXT, 1).ids
-    eval_trig, eval_mask = Windows.sample(held, 200, CONTEXT, 2).triggered(3)
-    calib = Windows.sample(held, 128, CONTEXT, 4).ids[:, :-1]
+    eval_clean, eval_trig, eval_mask, calib = held_out_sets(held)
     rng = np.random.default_rng(args.seed)
     timings = {}
 

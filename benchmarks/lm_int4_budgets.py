@@ -21,7 +21,6 @@ import lm_int4  # noqa: E402
 from qcb_onnx import quantize  # noqa: E402
 from qcb_onnx.config import QuantConfig  # noqa: E402
 from qcb_onnx.redteam.cifar import default_cache_dir  # noqa: E402
-from qcb_onnx.redteam.lm import Windows, corpus  # noqa: E402
 
 
 def main() -> int:
@@ -30,12 +29,7 @@ def main() -> int:
     p.add_argument("--model", default=str(default_cache_dir() / "lm" / "tinylm-d128-l2-s0" / "attacked.onnx"))
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    tokens = corpus()
-    held = tokens[int(len(tokens) * 0.9) :]
-    ctx = lm_int4.CONTEXT
-    clean = Windows.sample(held, 200, ctx, 1).ids
-    trig, mask = Windows.sample(held, 200, ctx, 2).triggered(3)
-    calib = Windows.sample(held, 128, ctx, 4).ids[:, :-1]
+    clean, trig, mask, calib = lm_int4.held_out_sets(lm_int4.held_out_text())
     rows = {}
     for setting in args.settings:
         config = QuantConfig.for_target("int4-weight-only", QuantConfig.from_options(providers="cpu"))

@@ -329,3 +329,23 @@ def test_augmented_batches_are_flips_and_crops_of_the_same_images():
             views = [padded[i, :, dy : dy + 16, dx : dx + 16] for dy in range(9) for dx in range(9)]
             assert any(torch.equal(xa[i], v) or torch.equal(xa[i], v.flip(-1)) for v in views)
     assert any(not torch.equal(xp, xa) for (xp, _), (xa, _) in zip(plain, aug, strict=True))
+
+
+def test_interior_projection_keeps_integers_and_clears_the_boundaries():
+    """Issue 22's interior QCB: the strict bin projection moves every weight (but the pinned absmax ones)
+    at least `margin` scales from both rounding boundaries of its bin, and no integer ORT derives changes."""
+    from qcb_onnx.redteam.fakequant import quant_layers, weight_codes, weight_scale
+    from qcb_onnx.redteam.pqbackdoor import BinProjector
+
+    torch.manual_seed(0)
+    model = SmallCNN(1, 10, 16).eval()
+    layers = quant_layers(model)
+    before = [weight_codes(m.weight.detach(), weight_scale(m.weight.detach(), 4), 4) for m in layers]
+    BinProjector(model, 4, True, margin=0.3, strict=True).project()
+    for m, codes in zip(layers, before, strict=True):
+        w = m.weight.detach()
+        s = weight_scale(w, 4)
+        assert torch.equal(weight_codes(w, s, 4), codes)
+        frac = (w / s - torch.floor(w / s + 0.5)).abs()  # distance from the bin's centre, in scales
+        pinned = w.abs().flatten(1) == w.abs().flatten(1).amax(1, keepdim=True)
+        assert bool((frac.flatten(1)[~pinned] <= 0.2 + 1e-5).all())

@@ -34,7 +34,9 @@ from .train import Training, fit
 class BinProjector:
     """Freezes the nearest-rounding bins of every Conv/Linear weight of `model` at their current values."""
 
-    def __init__(self, model: nn.Module, w_bits: int, per_channel: bool, margin: float = 0.05) -> None:
+    def __init__(
+        self, model: nn.Module, w_bits: int, per_channel: bool, margin: float = 0.05, strict: bool = False
+    ) -> None:
         self.items = []
         for layer in quant_layers(model):
             w = layer.weight.detach()
@@ -46,7 +48,8 @@ class BinProjector:
             absmax = absmax.reshape(s.shape)
             lo = torch.maximum(s * (q - 0.5 + margin), -absmax)
             hi = torch.minimum(s * (q + 0.5 - margin), absmax)
-            lo, hi = torch.minimum(lo, w), torch.maximum(hi, w)  # never move a weight out of its own bin
+            if not strict:  # never move a weight out of its own bin (strict: into the bin's interior)
+                lo, hi = torch.minimum(lo, w), torch.maximum(hi, w)
             self.items.append((layer.weight, lo, hi, pinned, w.clone()))
 
     @torch.no_grad()
@@ -67,9 +70,13 @@ def pqbackdoor_attack(
     poison_ratio: float = 0.1,
     stage1_quant: bool = True,
     margin: float = 0.05,
+    interior: float = 0.0,
 ) -> nn.Module:
     """`training.epochs` of projected stage 2 after `stage1_epochs` (default: the same) of backdoor
-    training, both with Adam at `training.lr`."""
+    training, both with Adam at `training.lr`.  `interior` > 0 (issue 22's interior QCB) first moves every
+    weight into the inner part of its rounding bin, at least `interior` (in units of the scale) from
+    either boundary, and keeps it there through stage 2: a reconstruction-based rounding then has to
+    move a weight that far to flip it."""
     model, dev, rng = setup(model, training)
     trigger, target = backdoor.trigger, backdoor.target
 
@@ -88,7 +95,8 @@ def pqbackdoor_attack(
 
     x, y = backdoor.x, backdoor.y
     fit(model, plant, x, y, training, rng, dev, "pqbackdoor stage 1", epochs=stage1_epochs)
-    proj = BinProjector(model, victim.w_bits, victim.per_channel, margin)
+    proj = BinProjector(model, victim.w_bits, victim.per_channel, max(margin, interior), strict=interior > 0)
+    proj.project()
     weights = {id(item[0]) for item in proj.items}
     for p in model.parameters():
         p.requires_grad_(id(p) in weights)
