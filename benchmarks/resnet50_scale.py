@@ -5,6 +5,7 @@ Wall time and peak RSS of `python -m qcb_onnx convert` (EFRAP, defaults) and of 
 (random weights and seeded random images: time and memory do not depend on the values).
 
     python benchmarks/resnet50_scale.py --json benchmarks/results/resnet50_scale.json
+    python benchmarks/resnet50_scale.py --error-budget 0.25 --json benchmarks/results/resnet50_scale_budget025.json
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def timed(cmd: list[str]) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calib-size", type=int, default=1024)
+    p.add_argument("--error-budget", default=None, help="passed to convert (default: its auto search)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="qcb_r50_") as tmp:
@@ -55,12 +57,14 @@ def main() -> int:
         np.save(calib, rng.random((args.calib_size, 3, 224, 224), dtype=np.float32))
         out = str(tmp / "efrap.onnx")
         cli = ["-m", "qcb_onnx", "convert", str(model), "--calib", str(calib), "--out", out, "--calib-size"]
-        ours = timed([sys.executable, *cli, str(args.calib_size), "--providers", "cpu", "--quiet"])
+        budget = [] if args.error_budget is None else ["--error-budget", args.error_budget]
+        ours = timed([sys.executable, *cli, str(args.calib_size), "--providers", "cpu", "--quiet", *budget])
         ort = timed([sys.executable, "-c", ORT_CHILD, str(model), str(calib), str(tmp / "ort.onnx")])
     result = {
         "command": "python benchmarks/resnet50_scale.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "calibration_images": args.calib_size,
+        "error_budget": args.error_budget or "auto",
         "qcb_onnx_efrap": ours,
         "ort_quantize_static": ort,
     }
