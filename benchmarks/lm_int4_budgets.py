@@ -27,6 +27,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("settings", nargs="+", help="auto, nopull or a budget")
     p.add_argument("--model", default=str(default_cache_dir() / "lm" / "tinylm-d128-l2-s0" / "attacked.onnx"))
+    p.add_argument("--guide", default="element", choices=("element", "neuron"), help="EFRAP's flip guidance")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     clean, trig, mask, calib = lm_int4.held_out_sets(lm_int4.held_out_text())
@@ -36,7 +37,7 @@ def main() -> int:
         extra = (
             {} if setting == "auto" else {"strength": 0.0} if setting == "nopull" else {"error_budget": float(setting)}
         )
-        model = quantize(args.model, calib, config, weight_format="matmulnbits", **extra).model
+        model = quantize(args.model, calib, config, weight_format="matmulnbits", guide=args.guide, **extra).model
         meta = {p.key: p.value for p in model.metadata_props}
         rows[setting] = {
             **lm_int4.measure(model, clean, trig, mask),
