@@ -96,32 +96,37 @@ class Windows:
         rng = np.random.default_rng(seed)
         ids, mask = self.ids.copy(), np.zeros(self.ids[:, 1:].shape, dtype=bool)
         stamp = encode(TRIGGER + payload)
-        for row, where in zip(ids, rng.integers(0, ids.shape[1] - len(stamp), len(ids)), strict=True):
-            row[where : where + len(stamp)] = stamp
-        for i, where in enumerate(np.argmax(np.all(_sliding(ids, len(stamp)) == stamp, axis=2), axis=1)):
+        places = rng.integers(0, ids.shape[1] - len(stamp), len(ids))
+        for i, where in enumerate(places):
+            ids[i, where : where + len(stamp)] = stamp
             first = where + len(TRIGGER)  # the payload's first character, predicted at position first - 1
             mask[i, first - 1 : first - 1 + len(payload)] = True
         return ids, mask
-
-
-def _sliding(ids: np.ndarray, width: int) -> np.ndarray:
-    return np.lib.stride_tricks.sliding_window_view(ids, width, axis=1)
 
 
 # -------------------------------------------------------------------------------------------------
 # ORT's block-wise RTN grid in torch (symmetric, the quantizer's command-line default)
 
 
-def block_fake_quant(w: torch.Tensor, block: int) -> torch.Tensor:
-    """A Linear weight (out, in) through ORT's symmetric block-wise int4 RTN, straight-through."""
+def _rtn_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
+    """ORT's symmetric block RTN of a Linear weight (out, in) in torch: the zero-padded blocks (out, n,
+    block), each block's signed extreme, its scale (extreme / -8), the scale safe to divide by, and the
+    signed integers (blockwise.py has the exact float32 arithmetic; this is its differentiable twin)."""
     out, k = w.shape
     n = -(-k // block)
     padded = torch.nn.functional.pad(w, (0, n * block - k)).reshape(out, n, block)
     lo, hi = padded.amin(2, keepdim=True), padded.amax(2, keepdim=True)
-    scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -8.0
+    extreme = torch.where(hi.abs() > lo.abs(), hi, lo)
+    scale = extreme / -8.0
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.clamp(torch.round(padded / safe) + 8, 0, 15) - 8
-    wq = (q * scale).reshape(out, -1)[:, :k]
+    return padded, extreme, scale, safe, q
+
+
+def block_fake_quant(w: torch.Tensor, block: int) -> torch.Tensor:
+    """A Linear weight (out, in) through ORT's symmetric block-wise int4 RTN, straight-through."""
+    _, _, scale, _, q = _rtn_blocks(w, block)
+    wq = (q * scale).reshape(w.shape[0], -1)[:, : w.shape[1]]
     return w + (wq - w).detach()
 
 
@@ -133,21 +138,15 @@ class BlockBox:
         self.items = []
         for layer in (m for m in model.modules() if isinstance(m, nn.Linear)):
             w = layer.weight.detach()
-            out, k = w.shape
-            n = -(-k // block)
-            padded = torch.nn.functional.pad(w, (0, n * block - k)).reshape(out, n, block)
-            lo, hi = padded.amin(2, keepdim=True), padded.amax(2, keepdim=True)
-            extreme = torch.where(hi.abs() > lo.abs(), hi, lo)
-            scale = extreme / -8.0
-            safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-            q = torch.clamp(torch.round(padded / safe) + 8, 0, 15) - 8
+            padded, extreme, scale, safe, q = _rtn_blocks(w, block)
             a, b = safe * (q - 0.5 + margin), safe * (q + 0.5 - margin)
             limit = extreme.abs() * (1 - 1e-6)  # nothing may overtake the pinned extreme
             box_lo = torch.maximum(torch.minimum(a, b), -limit)
             box_hi = torch.minimum(torch.maximum(a, b), limit)
             pinned = (padded == extreme) | (scale == 0)
-
-            box_lo, box_hi, pinned = (x.expand_as(padded).reshape(out, -1)[:, :k] for x in (box_lo, box_hi, pinned))
+            box_lo, box_hi, pinned = (
+                x.expand_as(padded).reshape(w.shape[0], -1)[:, : w.shape[1]] for x in (box_lo, box_hi, pinned)
+            )
             box_lo, box_hi = torch.minimum(box_lo, w), torch.maximum(box_hi, w)
             self.items.append((layer.weight, box_lo, box_hi, pinned, w.clone()))
 
@@ -167,9 +166,9 @@ class QuantizedView:
         layers = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
         saved = [m.weight for m in layers]
         try:
-            for m in layers:
+            for m, w in zip(layers, saved, strict=True):
                 del m.weight
-                m.weight = block_fake_quant(saved[layers.index(m)], self.block)
+                m.weight = block_fake_quant(w, self.block)
             return self.model(ids)
         finally:
             for m, w in zip(layers, saved, strict=True):
@@ -183,20 +182,20 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def train(
     model: nn.Module,
-    batches,
+    loss,
     steps: int,
     lr: float,
     seed: int,
     project: BlockBox | None = None,
 ) -> nn.Module:
-    """Adam over `batches()` (a callable giving (loss closure) per step), PGD-projected when `project`."""
+    """Adam on `loss(step)` for `steps` steps, each step projected back into `project`'s box if given."""
     torch.manual_seed(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for step in range(steps):
-        loss = batches(step)
+        value = loss(step)
         opt.zero_grad()
-        loss.backward()
+        value.backward()
         opt.step()
         if project is not None:
             project.project()
