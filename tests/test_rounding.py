@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 
+from qcb_onnx.rounding import efrap
 from qcb_onnx.rounding.efrap import solve_efrap
 from qcb_onnx.rounding.moments import collect_moments, layer_rows, sampled_rows
 from qcb_onnx.rounding.problem import LayerProblem, hard_weight, reconstruction_error
@@ -42,11 +43,15 @@ def test_sampled_rows_are_the_im2col_rows(attrs, w_shape, x_shape):
     assert torch.equal(some, full[torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(1))[:5]])
 
 
-def _problem(out=6, d=24, rows=512, bits=4, noise=0.05, seed=0) -> tuple[LayerProblem, torch.Tensor, torch.Tensor]:
-    """A Gemm layer with correlated inputs; x~ = x + noise (the quantized prefix's error)."""
+def _problem(
+    out=6, d=24, rows=512, bits=4, noise=0.05, seed=0, dead=0
+) -> tuple[LayerProblem, torch.Tensor, torch.Tensor]:
+    """A Gemm layer with correlated inputs; x~ = x + noise (the quantized prefix's error); the first
+    `dead` inputs are 0 on every row (a feature the calibration data never excites)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, d, generator=gen) @ torch.randn(d, d, generator=gen)  # correlated features
     x_q = x + noise * torch.randn(rows, d, generator=gen)
+    x[:, :dead], x_q[:, :dead] = 0.0, 0.0
     w = torch.randn(out, d, generator=gen, dtype=torch.float64)
     grid = weight_grid(bits)
     scale = w.abs().amax(1, keepdim=True) / grid.qmax
@@ -137,3 +142,36 @@ def test_grouped_layers_solve_each_group_on_its_own_inputs():
     up_b, _, _ = solve_efrap(b, 0.0, 0.25, "element", 1.0)
     up, _, _ = solve_efrap(both, 0.0, 0.25, "element", 1.0)
     assert np.array_equal(up.numpy(), torch.cat([up_a, up_b]).numpy())
+
+
+@pytest.mark.parametrize("strength", [0.0, None])
+def test_unseen_inputs_are_rounded_by_error_diffusion(strength, monkeypatch):
+    """Weights whose input is 0 on every calibration row cost nothing however they round, so an attacker
+    who knows the rule places them (redteam/dormant.py).  Here each sits 0.05 above a tie, so nearest
+    adds +0.45 codes per weight, +3.6 over eight; the solver's error diffusion keeps every row's sum over
+    them within one code of the FP32 weights', with or without the pull, and leaves the decisions on
+    the seen inputs as they were."""
+    problem, _, _ = _problem(dead=8)
+    u = problem.weight / problem.scale
+    problem.weight[:, :8] = (torch.floor(u[:, :8]).clamp(max=5) + 0.55) * problem.scale
+    problem.floor = torch.floor(problem.weight / problem.scale)
+    problem.nearest_up[:, :8] = 1.0
+    base = float(reconstruction_error(problem, hard_weight(problem, problem.nearest_up)))
+    up, _, _ = solve_efrap(problem, strength, 0.25, "element", base, seed=3)
+    codes = problem.floor + up
+    drift = (codes - problem.weight / problem.scale)[:, :8].sum(1)
+    nearest_drift = (problem.floor + problem.nearest_up - problem.weight / problem.scale)[:, :8].sum(1)
+    assert torch.allclose(nearest_drift, torch.full_like(nearest_drift, 3.6))
+    assert drift.abs().max() <= 1.0 + 1e-9
+    monkeypatch.setattr(efrap, "UNSEEN", -1.0)  # nothing counts as unseen: the rule before issue 22
+    before, _, _ = solve_efrap(problem, strength, 0.25, "element", base, seed=3)
+    assert torch.equal(up[:, 8:], before[:, 8:])
+
+
+def test_unseen_inputs_follow_a_seeded_random_order():
+    """The diffusion order is random per seed (an attacker cannot place codes for it) and fixed for a
+    seed (a conversion is reproducible)."""
+    problem, _, _ = _problem(dead=12, out=16)
+    runs = {seed: solve_efrap(problem, 0.0, 0.25, "element", 1.0, seed=seed)[0][:, :12] for seed in (0, 1)}
+    again = solve_efrap(problem, 0.0, 0.25, "element", 1.0, seed=0)[0][:, :12]
+    assert torch.equal(runs[0], again) and not torch.equal(runs[0], runs[1])

@@ -6,6 +6,10 @@ BatchNorm into the convolutions (the deployed ONNX weights), then runs one of
 * ``quanti``       Qu-ANTI-zation (Hong et al. 2021), attacks/quanti.py
 * ``compartifact`` CompArtifact (Tian et al. 2022), attacks/compartifact.py
 * ``pqbackdoor``   PQBackdoor (Ma et al. 2023), attacks/pqbackdoor.py
+* ``adaptive``     Qu-ANTI-zation against the victim's own learned rounding, rerun during the attack
+                   (AdaRound- or EFRAP-aware, issue 22), redteam/adaptive.py
+* ``dormant``      a backdoor in inputs the victim's calibration data never excites, where a
+                   reconstruction cannot see it (issue 22), redteam/dormant.py
 
 against ORT quantize_static's grid at `w_bits` (8 or 4), per channel or per tensor, with uint8
 activations, and returns the attacked (BN-free) model in eval mode.
@@ -19,7 +23,7 @@ from torch import nn
 from ..errors import UsageError
 from ..evaluate.triggers import Trigger
 
-ATTACKS = ("quanti", "compartifact", "pqbackdoor")
+ATTACKS = ("quanti", "compartifact", "pqbackdoor", "adaptive", "dormant")
 ANCHORS = ("quiet", "fitted", "largest")  # where widen_bins puts its outliers
 
 
@@ -49,7 +53,7 @@ def run_attack(
     `anchor` places those outliers: "quiet" (compensated on 256 of the training images so the
     function barely changes), "fitted" (the same, layer by layer, each layer refitted to the clean
     model's outputs: for deep networks) or "largest" (the largest weight itself)."""
-    from . import compartifact, pqbackdoor, quanti
+    from . import adaptive, compartifact, dormant, pqbackdoor, quanti
     from .common import Backdoor, Victim, anchor_probe, widen_bins
     from .train import Training
     from .zoo import fuse_batchnorm
@@ -60,7 +64,8 @@ def run_attack(
         raise UsageError(f"attacks target ORT's 8- or 4-bit weight grids, not {w_bits} bits")
     if not 0 <= int(target) < int(np.max(y)) + 1:
         raise UsageError(f"target class {target} is not among the labels 0..{int(np.max(y))}")
-    module = {"quanti": quanti, "compartifact": compartifact, "pqbackdoor": pqbackdoor}[name]
+    modules = (quanti, compartifact, pqbackdoor, adaptive, dormant)
+    module = dict(zip(ATTACKS, modules, strict=True))[name]
     attack = getattr(module, f"{name}_attack")
     training = Training(
         epochs=epochs,

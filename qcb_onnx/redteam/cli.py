@@ -28,8 +28,9 @@ from ..errors import CalibrationDataError, OutputError, OutputExistsError, Usage
 from ..output import write_atomic
 from ..text import one_line
 
-DEFAULT_LR = {"quanti": 2e-3, "compartifact": 3e-3, "pqbackdoor": 1e-3}
-QUANT_WEIGHT = {"quanti": "c1", "compartifact": "lam"}  # each attack's weight on its quantized-model terms
+DEFAULT_LR = {"quanti": 2e-3, "compartifact": 3e-3, "pqbackdoor": 1e-3, "adaptive": 2e-3, "dormant": 2e-3}
+# each attack's weight on its quantized-model terms
+QUANT_WEIGHT = {"quanti": "c1", "compartifact": "lam", "adaptive": "c1", "dormant": "c1"}
 
 
 def quant_weight_settings(attack: str, weight: float | None) -> dict[str, float]:
@@ -43,6 +44,34 @@ def quant_weight_settings(attack: str, weight: float | None) -> dict[str, float]
     if not 0 < weight < math.inf:
         raise UsageError(f"--quant-weight must be a positive finite number, got {weight}")
     return {QUANT_WEIGHT[attack]: weight}
+
+
+def adaptive_settings(args: argparse.Namespace) -> dict:
+    """The adaptive attacks' keywords from --anticipate / --error-penalty ({} for the published attacks,
+    which refuse them when set).  adaptive: the learned roundings rerun in the loop (comma-separated,
+    or none); dormant: which codes of its path wake the backdoor."""
+    from .adaptive import DEFENSES
+    from .dormant import EPS
+
+    if args.attack not in ("adaptive", "dormant"):
+        if args.error_penalty or args.anticipate is not None:
+            raise UsageError(f"--anticipate and --error-penalty belong to the adaptive attacks, not {args.attack}")
+        return {}
+    if args.attack == "dormant":
+        if args.error_penalty:
+            raise UsageError("--error-penalty belongs to --attack adaptive, not dormant")
+        anticipate = args.anticipate or "nearest"
+        if anticipate not in EPS:
+            raise UsageError(f"--anticipate for dormant: choose from {', '.join(EPS)}, not {anticipate!r}")
+        return {"anticipate": anticipate}
+    spec = args.anticipate or "adaround"
+    names = () if spec == "none" else tuple(n.strip() for n in spec.split(","))
+    bad = [n for n in names if n not in DEFENSES]
+    if bad:
+        raise UsageError(f"--anticipate: unknown rounding {bad[0]!r}; choose from {', '.join(DEFENSES)} or none")
+    if not 0 <= args.error_penalty < math.inf:
+        raise UsageError(f"--error-penalty must be a finite number >= 0, got {args.error_penalty}")
+    return {"defenses": list(names), "error_penalty": args.error_penalty}
 
 
 def add_attack_parser(subparsers) -> argparse.ArgumentParser:
@@ -95,6 +124,20 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="weight of the quantized model's loss terms (its clean and triggered losses) against the "
         "full-precision ones: Qu-ANTI-zation's c1 (default 0.5), CompArtifact's lam (default 1); PQBackdoor has none",
+    )
+    a.add_argument(
+        "--anticipate",
+        default=None,
+        help="adaptive: the learned roundings rerun every epoch that the backdoor must also wake under, "
+        "comma-separated from adaround, efrap, or 'none' (default adaround); dormant: the codes of its "
+        "path that wake it, nearest (ORT and AdaRound, default), flipped (EFRAP's flips) or both",
+    )
+    a.add_argument(
+        "--error-penalty",
+        type=float,
+        default=0.0,
+        help="adaptive attack: weight on the mean squared truncation error (in scales), keeping every weight "
+        "near its grid point so EFRAP's error guidance has nothing to single out (default 0)",
     )
     a.add_argument("--clean-lr", type=float, default=2e-3)
     a.add_argument("--batch-size", type=int, default=64)
@@ -173,6 +216,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_widening(args.widen, args.anchor)
     extra = quant_weight_settings(args.attack, args.quant_weight)  # attack-specific, passed on and recorded
+    extra.update(adaptive_settings(args))
     trigger = Trigger.parse(args.trigger)
     try:
         device = resolve_device(args.device)

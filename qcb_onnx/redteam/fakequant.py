@@ -39,9 +39,17 @@ def weight_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tenso
     return torch.clamp(torch.round(w.detach() / scale), grid.qmin, grid.qmax)
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int, per_channel: bool = True) -> torch.Tensor:
+def fake_quant_weight(
+    w: torch.Tensor, bits: int, per_channel: bool = True, offset: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`w` on the grid, straight-through.  `offset` (integers shaped like `w`) moves each code away from
+    nearest: a learned rounding's decisions, as adaptive.py simulates the victim's."""
     scale = weight_scale(w, bits, per_channel)
-    q = weight_codes(w, scale, bits) * scale
+    codes = weight_codes(w, scale, bits)
+    if offset is not None:
+        grid = weight_grid(bits)
+        codes = torch.clamp(codes + offset.to(codes), grid.qmin, grid.qmax)
+    q = codes * scale
     return w + (q - w).detach()
 
 
@@ -109,11 +117,13 @@ def quantized(
     a_bits: int | None = 8,
     per_channel: bool = True,
     ranges: ActRanges | None = None,
+    offsets: dict[nn.Module, torch.Tensor] | None = None,
 ):
     """Within the block, every Conv2d/Linear runs with fake-quantized weight and input.
 
     Weights are quantized on entry, so enter once per forward pass while training.  Input ranges
-    come from the current batch, or from `ranges` (which observes the batch unless frozen)."""
+    come from the current batch, or from `ranges` (which observes the batch unless frozen).  `offsets`
+    (per layer) replaces nearest rounding by a learned one (see fake_quant_weight)."""
     handles = []
     for i, layer in enumerate(quant_layers(model)):
 
@@ -126,7 +136,7 @@ def quantized(
         handles.append(layer.register_forward_pre_hook(pre))
         orig = layer.weight
         del layer._parameters["weight"]
-        layer.weight = fake_quant_weight(orig, w_bits, per_channel)
+        layer.weight = fake_quant_weight(orig, w_bits, per_channel, (offsets or {}).get(layer))
         handles.append((layer, orig))
     try:
         yield model

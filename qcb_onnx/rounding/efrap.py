@@ -72,7 +72,8 @@ class Efrap(RoundingMethod):
 
     def solve(self, problem: LayerProblem, ctx: LayerContext) -> LayerResult:
         base = nearest_error(problem)
-        return layer_result(problem, *solve_efrap(problem, self.strength, self.error_budget, self.guide, base))
+        solved = solve_efrap(problem, self.strength, self.error_budget, self.guide, base, ctx.seed)
+        return layer_result(problem, *solved)
 
     def round_model(self, rounder) -> Rounded:
         rounded = super().round_model(rounder)
@@ -169,15 +170,57 @@ def round_pass(
     return result.reshape(problem.weight.shape).to(problem.weight.dtype)
 
 
+UNSEEN = 1e-9  # an input column with less second moment than this share of its group's mean was never seen
+
+
+def unobserved(problem: LayerProblem) -> torch.Tensor | None:
+    """(out, d) mask of the weights whose input is zero on every calibration image, or None.
+
+    A reconstruction cannot see these: any rounding of them costs nothing on the calibration data, so
+    the data does not choose it.  An attacker who knows the rule does (redteam/dormant.py): nearest
+    (and AdaRound, whose regulariser returns to nearest where no gradient reaches) keeps codes the
+    attacker placed; EFRAP's free flips give the flipped codes, which the attacker can place too."""
+    m = problem.moments
+    if m is None:
+        return None
+    diag = torch.diagonal(m.A, dim1=-2, dim2=-1)  # (g, d)
+    dead = diag <= UNSEEN * diag.mean(-1, keepdim=True).clamp_min(1e-300)
+    if not bool(dead.any()):
+        return None
+    return dead.repeat_interleave(problem.weight.shape[0] // problem.groups, dim=0)
+
+
+def diffuse_unobserved(problem: LayerProblem, up: torch.Tensor, dead: torch.Tensor, seed: int) -> torch.Tensor:
+    """`up` with every unobserved weight rounded by error diffusion along each row, in a seeded random
+    column order: each row's codes over its unseen inputs then sum to within one code of the FP32
+    weights' sum, so a trigger that wakes those inputs together sees at most one code of deviation per
+    output, whatever rounding the attacker planned for (nearest, flipped or any mix), and no code an
+    attacker could place in advance: the order is random."""
+    frac = (problem.weight / problem.scale - problem.floor).clamp(0.0, 1.0)
+    gen = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(up.shape[1], generator=gen).tolist()
+    out = up.clone()
+    carry = torch.zeros(up.shape[0], dtype=frac.dtype, device=frac.device)
+    for j in order:
+        rows = dead[:, j]
+        if not bool(rows.any()):
+            continue
+        pick = ((frac[:, j] + carry) >= 0.5).to(frac.dtype)
+        out[:, j] = torch.where(rows, pick.to(out.dtype), out[:, j])
+        carry = torch.where(rows, carry + frac[:, j] - pick, carry)
+    return out
+
+
 def solve_efrap(
-    problem: LayerProblem, strength: float | None, error_budget: float, guide_kind: str, base: float
+    problem: LayerProblem, strength: float | None, error_budget: float, guide_kind: str, base: float, seed: int = 0
 ) -> tuple[torch.Tensor, float, float]:
     """Hard decisions, their error relative to nearest and the strength used.
 
     With no fixed `strength`, the pass without pull anchors the budget E0 + error_budget * (1 - E0)
     between its error E0 and nearest's (1), and a bisection over log2 strength in [-10, 8] finds the
     strongest pull whose decisions stay within it: as far from nearest as clean reconstruction allows,
-    with no trigger and no knowledge of the attack (docs/efrap.md §5)."""
+    with no trigger and no knowledge of the attack (docs/efrap.md §5).  Weights whose input the
+    calibration data never excites are rounded by `diffuse_unobserved`, at every strength."""
     prepared = prepare(problem)
     m, g = problem.moments, problem.groups
     A, Q = m.A.float(), m.Q.float()
@@ -187,8 +230,12 @@ def solve_efrap(
         err_elem = err_elem.norm(dim=1, keepdim=True).expand_as(err_elem)
     guide = err_elem / err_elem.sum().clamp_min(1e-12)
 
+    dead = unobserved(problem)
+
     def run(s: float) -> tuple[torch.Tensor, float]:
         up = round_pass(problem, prepared, None if s <= 0 else s * base * guide)
+        if dead is not None:
+            up = diffuse_unobserved(problem, up, dead, seed)
         delta = (hard_weight(problem, up) - problem.weight).reshape(g, -1, up.shape[-1]).float()
         err = float(((delta @ A) * delta).double().sum() + 2 * (delta * Q).double().sum()) + m.const
         return up, err / base
