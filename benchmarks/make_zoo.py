@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qcb_onnx.errors import UsageError  # noqa: E402
 from qcb_onnx.evaluate.score import metadata  # noqa: E402
 from qcb_onnx.evaluate.triggers import Trigger  # noqa: E402
-from qcb_onnx.redteam import ATTACKS, run_attack  # noqa: E402
+from qcb_onnx.redteam import PUBLISHED, run_attack  # noqa: E402
 from qcb_onnx.redteam.cifar import default_cache_dir, load_cifar10  # noqa: E402
 from qcb_onnx.redteam.cli import DEFAULT_LR, QUANT_WEIGHT, measure, quant_weight_settings  # noqa: E402
 from qcb_onnx.redteam.train import Training, export_onnx, resolve_device, train_clean  # noqa: E402
@@ -42,7 +42,7 @@ from qcb_onnx.redteam.zoo import FULL_WIDTH, build  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", default="resnet18")
-    p.add_argument("--attacks", default=",".join(a for a in ATTACKS if a != "adaptive"))  # the published three
+    p.add_argument("--attacks", default=",".join(PUBLISHED))
     p.add_argument("--bits", default="8,4")
     p.add_argument("--per-tensor", action="store_true")
     p.add_argument("--width", type=int, default=16)

@@ -23,7 +23,8 @@ from torch import nn
 from ..errors import UsageError
 from ..evaluate.triggers import Trigger
 
-ATTACKS = ("quanti", "compartifact", "pqbackdoor", "adaptive", "dormant")
+PUBLISHED = ("quanti", "compartifact", "pqbackdoor")
+ATTACKS = (*PUBLISHED, "adaptive", "dormant")
 ANCHORS = ("quiet", "fitted", "largest")  # where widen_bins puts its outliers
 
 

@@ -26,9 +26,11 @@ ResNet-18 layer takes a few seconds on a 2-core CPU (BENCHMARKS.md §5).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..config import RoundingOptions
@@ -191,13 +193,17 @@ def unobserved(problem: LayerProblem) -> torch.Tensor | None:
 
 
 def diffuse_unobserved(problem: LayerProblem, up: torch.Tensor, dead: torch.Tensor, seed: int) -> torch.Tensor:
-    """`up` with every unobserved weight rounded by error diffusion along each row, in a seeded random
-    column order: each row's codes over its unseen inputs then sum to within one code of the FP32
-    weights' sum, so a trigger that wakes those inputs together sees at most one code of deviation per
-    output, whatever rounding the attacker planned for (nearest, flipped or any mix), and no code an
-    attacker could place in advance: the order is random."""
+    """`up` with every unobserved weight rounded by error diffusion along each row, in a random column
+    order: each row's codes over its unseen inputs then sum to within one code of the FP32 weights'
+    sum, so a trigger that wakes those inputs together sees at most one code of deviation per output,
+    whatever rounding the attacker planned for (nearest, flipped or any mix).  The order must be
+    unknown to the attacker too (one who knows it can interleave never-firing inputs that soak up the
+    carry), so it is drawn from the run's seed and a digest of the layer's calibration statistics:
+    the same inputs give the same integers, and nobody without the calibration set can predict it."""
     frac = (problem.weight / problem.scale - problem.floor).clamp(0.0, 1.0)
-    gen = torch.Generator().manual_seed(int(seed))
+    energy = torch.diagonal(problem.moments.A, dim1=-2, dim2=-1).double().cpu().numpy()
+    digest = hashlib.sha256(np.int64(seed).tobytes() + energy.tobytes()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
     order = torch.randperm(up.shape[1], generator=gen).tolist()
     out = up.clone()
     carry = torch.zeros(up.shape[0], dtype=frac.dtype, device=frac.device)
