@@ -1,7 +1,8 @@
 """Issue 22: adaptive QCBs against AdaRound and EFRAP, every model measured in ONNX Runtime.
 
 On the test suite's digits SmallCNN (width 16, clean 30 epochs, seeds as given), each attack targets
-ORT's W4 per-channel quantize_static (uint8 activations) and anticipates a learned rounding:
+ORT's W4 (or `--bits 8`) per-channel quantize_static (uint8 activations) and anticipates a learned
+rounding (the dormant attacks with `widen` 2 at 4 bits, 16 at 8 bits):
 
 * ``quanti``            Qu-ANTI-zation as published (the reference: it anticipates nothing)
 * ``adaptive-adaround`` Qu-ANTI-zation whose quantized terms also use the codes our AdaRound writes for
@@ -21,6 +22,8 @@ lowest ASR among budgets 0.1 / 0.25 / 0.5 and the neuron guide whose CDA stays w
 FP32.  CDA / ASR in % on the 500 test digits (ASR over the non-target ones).
 
     python benchmarks/adaptive_qcb.py --json benchmarks/results/adaptive_qcb.json
+    python benchmarks/adaptive_qcb.py --bits 8 --attacks dormant-nearest,dormant-flipped,dormant-both \
+        --json benchmarks/results/adaptive_qcb_w8.json
 """
 
 from __future__ import annotations
@@ -53,34 +56,36 @@ ATTACKS = {
     "adaptive-adaround": ("adaptive", dict(epochs=40, c2=1.0, defenses=("adaround",))),
     "adaptive-efrap": ("adaptive", dict(epochs=40, c2=1.0, defenses=("efrap",))),
     "low-error": ("adaptive", dict(epochs=80, c2=1.0, defenses=(), error_penalty=1.0)),
-    "dormant-nearest": ("dormant", dict(epochs=60, anticipate="nearest", widen=2.0)),
-    "dormant-flipped": ("dormant", dict(epochs=60, anticipate="flipped", widen=2.0)),
-    "dormant-both": ("dormant", dict(epochs=60, anticipate="both", widen=2.0)),
+    "dormant-nearest": ("dormant", dict(epochs=60, anticipate="nearest")),
+    "dormant-flipped": ("dormant", dict(epochs=60, anticipate="flipped")),
+    "dormant-both": ("dormant", dict(epochs=60, anticipate="both")),
 }
+WIDEN = {4: 2.0, 8: 16.0}  # the dormant path's bins: at 8 bits the grid is 17x finer, so anchors widen it
 DEFENDER = {"efrap_b0.1": dict(error_budget=0.1), "efrap_b0.25": dict(error_budget=0.25),
             "efrap_b0.5": dict(error_budget=0.5), "efrap_neuron": dict(guide="neuron")}  # fmt: skip
 
 
-def efrap_as_published(fp, calib):
+def efrap_as_published(fp, calib, bits):
     """EFRAP with every unseen input flipped like the rest (the rule before diffuse_unobserved)."""
     saved, efrap.UNSEEN = efrap.UNSEEN, -1.0
     try:
-        return convert(fp, calib, w_bits=4, method="efrap", providers="cpu")
+        return convert(fp, calib, w_bits=bits, method="efrap", providers="cpu")
     finally:
         efrap.UNSEEN = saved
 
 
-def measure(fp, xtr, xte, yte) -> dict[str, list[float]]:
+def measure(fp, xtr, xte, yte, bits) -> dict[str, list[float]]:
     calib = xtr[:256]
     models = {
         "fp32": fp,
-        "ort": ort_quantize(fp, calib, 4, 8, True),
-        "nearest": convert(fp, calib, w_bits=4, method="nearest", act_headroom=1.0, providers="cpu"),
-        "adaround": convert(fp, calib, w_bits=4, method="adaround", providers="cpu"),
-        "efrap_published": efrap_as_published(fp, calib),
-        "efrap": convert(fp, calib, w_bits=4, method="efrap", providers="cpu"),
+        "ort": ort_quantize(fp, calib, bits, 8, True),
+        "nearest": convert(fp, calib, w_bits=bits, method="nearest", act_headroom=1.0, providers="cpu"),
+        "adaround": convert(fp, calib, w_bits=bits, method="adaround", providers="cpu"),
+        "efrap_published": efrap_as_published(fp, calib, bits),
+        "efrap": convert(fp, calib, w_bits=bits, method="efrap", providers="cpu"),
     }
-    models.update({k: convert(fp, calib, w_bits=4, method="efrap", providers="cpu", **o) for k, o in DEFENDER.items()})
+    for k, o in DEFENDER.items():
+        models[k] = convert(fp, calib, w_bits=bits, method="efrap", providers="cpu", **o)
     out = {}
     for name, m in models.items():
         s = score(name, m, xte, yte, TRIGGER, TARGET, providers="cpu")
@@ -95,6 +100,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8], help="the victim's weight bits (default 4)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -106,11 +112,12 @@ def main() -> int:
         clean = train_clean(SmallCNN(1, 10, 16), xtr, ytr, Training(epochs=30, lr=2e-3, seed=seed))
         for label in args.attacks.split(","):
             name, recipe = ATTACKS[label]
+            recipe = {**recipe, "widen": WIDEN[args.bits]} if name == "dormant" else dict(recipe)
             t = time.perf_counter()
-            attacked = run_attack(name, copy.deepcopy(clean), xtr, ytr, TRIGGER, TARGET, w_bits=4, seed=seed,
-                                  **copy.deepcopy(recipe))  # fmt: skip
-            row = {"seed": seed, "attack": label, "attack_s": round(time.perf_counter() - t, 1)}
-            row.update(measure(export_onnx(attacked, xtr[:1]), xtr, xte, yte))
+            attacked = run_attack(name, copy.deepcopy(clean), xtr, ytr, TRIGGER, TARGET, w_bits=args.bits, seed=seed,
+                                  **recipe)  # fmt: skip
+            row = {"seed": seed, "bits": args.bits, "attack": label, "attack_s": round(time.perf_counter() - t, 1)}
+            row.update(measure(export_onnx(attacked, xtr[:1]), xtr, xte, yte, args.bits))
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.json:

@@ -172,11 +172,15 @@ def round_pass(
     return result.reshape(problem.weight.shape).to(problem.weight.dtype)
 
 
-UNSEEN = 1e-9  # an input column with less second moment than this share of its group's mean was never seen
+# an input column with less second moment than this share of its group's mean is one the calibration data
+# (barely) never excites: any rounding of its weights costs under this share of a typical input's error, so
+# the data does not choose it (1e-3: on the 8-bit dormant QCBs of BENCHMARKS.md §12, 1e-9 and 1e-4 left
+# 22-38 % ASR where 1e-3 left 0-0.45 %)
+UNSEEN = 1e-3
 
 
 def unobserved(problem: LayerProblem) -> torch.Tensor | None:
-    """(out, d) mask of the weights whose input is zero on every calibration image, or None.
+    """(out, d) mask of the weights whose input is (about) zero on every calibration image, or None.
 
     A reconstruction cannot see these: any rounding of them costs nothing on the calibration data, so
     the data does not choose it.  An attacker who knows the rule does (redteam/dormant.py): nearest
@@ -194,9 +198,9 @@ def unobserved(problem: LayerProblem) -> torch.Tensor | None:
 
 def diffuse_unobserved(problem: LayerProblem, up: torch.Tensor, dead: torch.Tensor, seed: int) -> torch.Tensor:
     """`up` with every unobserved weight rounded by error diffusion along each row, in a random column
-    order: each row's codes over its unseen inputs then sum to within one code of the FP32 weights'
-    sum, so a trigger that wakes those inputs together sees at most one code of deviation per output,
-    whatever rounding the attacker planned for (nearest, flipped or any mix).  The order must be
+    order: the carry stays in [-1/2, 1/2), so each row's codes over its unseen inputs sum to the FP32
+    weights' sum rounded, and a trigger that wakes those inputs together sees at most half a code of
+    deviation per output, whatever rounding the attacker planned for (nearest, flipped or any mix).  The order must be
     unknown to the attacker too (one who knows it can interleave never-firing inputs that soak up the
     carry), so it is drawn from the run's seed and a digest of the layer's calibration statistics:
     the same inputs give the same integers, and nobody without the calibration set can predict it."""
