@@ -24,6 +24,8 @@ FP32.  CDA / ASR in % on the 500 test digits (ASR over the non-target ones).
     python benchmarks/adaptive_qcb.py --json benchmarks/results/adaptive_qcb.json
     python benchmarks/adaptive_qcb.py --bits 8 --attacks dormant-nearest,dormant-flipped,dormant-both \
         --json benchmarks/results/adaptive_qcb_w8.json
+    python benchmarks/adaptive_qcb.py --bits 8 --attacks dormant-flipped,dormant-both --unseen 1e-9 \
+        --json benchmarks/results/adaptive_qcb_w8_unseen1e-9.json
 """
 
 from __future__ import annotations
@@ -101,9 +103,12 @@ def main() -> int:
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--bits", type=int, default=4, choices=[4, 8], help="the victim's weight bits (default 4)")
+    p.add_argument("--unseen", type=float, default=None, help="EFRAP's unseen-input threshold (default: as shipped)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(2)
+    if args.unseen is not None:
+        efrap.UNSEEN = args.unseen
     tr, te = np.load(ROOT / "samples" / "train.npz"), np.load(ROOT / "samples" / "test.npz")
     xtr, ytr, xte, yte = tr["x"], tr["y"], te["x"], te["y"]
     rows = []
