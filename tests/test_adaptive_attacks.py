@@ -103,6 +103,21 @@ def test_flipped_dormant_qcb_wakes_under_the_papers_efrap_only(dormant, digits):
     assert got["efrap"][1] < 15 and got["efrap"][0] >= got["fp32"][0] - 3, got
 
 
+def test_flipped_dormant_qcb_from_the_dynamo_exporter_is_defended_the_same(dormant, digits):
+    """The same model exported by torch's default (dynamo) exporter, batch fixed at 1 and its own
+    naming: the paper's rule still wakes it, error diffusion still does not."""
+    xtr = digits[0]
+    model = copy.deepcopy(dormant["flipped"]).eval()
+    fp = torch.onnx.export(model, (torch.from_numpy(xtr[:1]),), dynamo=True).model_proto
+    assert fp.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    got = {
+        "fp32": rates(fp, digits),
+        "paper_efrap": rates(paper_efrap(fp, xtr[:256]), digits),
+        "efrap": rates(convert(fp, xtr[:256], w_bits=4, method="efrap", providers="cpu"), digits),
+    }
+    assert got["fp32"][1] < 15 and got["paper_efrap"][1] > 80 and got["efrap"][1] < 15, got
+
+
 def test_dormant_path_is_silent_on_calibration_and_adaround_keeps_its_nearest_codes(dormant, digits):
     """The mechanism: the detectors are exactly 0 on the calibration images, so AdaRound writes the
     nearest codes on their classifier columns, and EFRAP (error diffusion there) does not."""
