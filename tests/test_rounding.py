@@ -149,20 +149,27 @@ def test_unseen_inputs_are_rounded_by_error_diffusion(strength, monkeypatch):
     """Weights whose input is 0 on every calibration row cost nothing however they round, so an attacker
     who knows the rule places them (redteam/dormant.py).  Here each sits 0.05 above a tie, so nearest
     adds +0.45 codes per weight, +3.6 over eight; the solver's error diffusion keeps every row's sum over
-    them within half a code of the FP32 weights', with or without the pull, and leaves the decisions on
-    the seen inputs as they were."""
+    them within one code of the FP32 weights', with or without the pull, unbiased over seeds (the
+    starting carry is random, so the attacker cannot set which way a row's sum rounds), and leaves the
+    decisions on the seen inputs as they were."""
     problem, _, _ = _problem(dead=8)
     u = problem.weight / problem.scale
     problem.weight[:, :8] = (torch.floor(u[:, :8]).clamp(max=5) + 0.55) * problem.scale
     problem.floor = torch.floor(problem.weight / problem.scale)
     problem.nearest_up[:, :8] = 1.0
     base = float(reconstruction_error(problem, hard_weight(problem, problem.nearest_up)))
+    u2 = problem.weight / problem.scale
     up, _, _ = solve_efrap(problem, strength, 0.25, "element", base, seed=3)
     codes = problem.floor + up
     drift = (codes - problem.weight / problem.scale)[:, :8].sum(1)
     nearest_drift = (problem.floor + problem.nearest_up - problem.weight / problem.scale)[:, :8].sum(1)
     assert torch.allclose(nearest_drift, torch.full_like(nearest_drift, 3.6))
-    assert drift.abs().max() <= 0.5 + 1e-9
+    assert drift.abs().max() < 1.0
+    drifts = torch.stack([
+        (problem.floor + solve_efrap(problem, strength, 0.25, "element", base, seed=k)[0] - u2)[:, :8].sum(1)
+        for k in range(64)
+    ])  # fmt: skip
+    assert drifts.mean().abs() < 0.1 and drifts.std() > 0.2  # random in direction, zero on average
     monkeypatch.setattr(efrap, "UNSEEN", -1.0)  # nothing counts as unseen: the rule before issue 22
     before, _, _ = solve_efrap(problem, strength, 0.25, "element", base, seed=3)
     assert torch.equal(up[:, 8:], before[:, 8:])

@@ -198,9 +198,11 @@ def unobserved(problem: LayerProblem) -> torch.Tensor | None:
 
 def diffuse_unobserved(problem: LayerProblem, up: torch.Tensor, dead: torch.Tensor, seed: int) -> torch.Tensor:
     """`up` with every unobserved weight rounded by error diffusion along each row, in a random column
-    order: the carry stays in [-1/2, 1/2), so each row's codes over its unseen inputs sum to the FP32
-    weights' sum rounded, and a trigger that wakes those inputs together sees at most half a code of
-    deviation per output, whatever rounding the attacker planned for (nearest, flipped or any mix).  The order must be
+    order from a random starting carry: the carry stays in [-1/2, 1/2), so each row's codes over its unseen
+    inputs sum to the FP32 weights' sum rounded up or down, up with probability its fraction (unbiased:
+    rounding it to nearest would let the attacker choose the direction through that fraction), and a
+    trigger that wakes those inputs together moves an output by less than one code, in no direction the
+    attacker can set, whatever rounding they planned for (nearest, flipped or any mix).  The order must be
     unknown to the attacker too (one who knows it can interleave never-firing inputs that soak up the
     carry), so it is drawn from the run's seed and a digest of the layer's calibration statistics:
     the same inputs give the same integers, and nobody without the calibration set can predict it."""
@@ -210,7 +212,9 @@ def diffuse_unobserved(problem: LayerProblem, up: torch.Tensor, dead: torch.Tens
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
     order = torch.randperm(up.shape[1], generator=gen).tolist()
     out = up.clone()
-    carry = torch.zeros(up.shape[0], dtype=frac.dtype, device=frac.device)
+    # a random starting carry: each row's sum is then rounded up with probability its fraction (unbiased),
+    # not to nearest, whose direction the attacker would set through the fraction of the sum
+    carry = (torch.rand(up.shape[0], generator=gen, dtype=torch.float64) - 0.5).to(frac.dtype).to(frac.device)
     for j in order:
         rows = dead[:, j]
         if not bool(rows.any()):
