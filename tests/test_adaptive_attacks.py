@@ -26,7 +26,7 @@ from qcb_onnx.evaluate.score import score
 from qcb_onnx.evaluate.triggers import Trigger
 from qcb_onnx.pipeline import quantize
 from qcb_onnx.redteam import run_attack
-from qcb_onnx.redteam.dormant import classifier_inputs
+from qcb_onnx.redteam.dormant import detector_source, observe
 from qcb_onnx.redteam.train import Training, export_onnx, train_clean
 from qcb_onnx.redteam.zoo import SmallCNN
 from qcb_onnx.rounding import efrap
@@ -126,7 +126,7 @@ def test_dormant_path_is_silent_on_calibration_and_adaround_keeps_its_nearest_co
     head = model.classifier
     cols = head.dormant_detectors
     with torch.no_grad():
-        _, feats = classifier_inputs(model, head, torch.from_numpy(xtr[:256]))
+        _, _, feats = observe(model, detector_source(model, head), head, torch.from_numpy(xtr[:256]))
     assert float(feats[:, cols].abs().max()) == 0.0
     fp = export_onnx(model, xtr[:1])
     codes = {}

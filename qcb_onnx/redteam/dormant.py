@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .common import Backdoor, Victim, ce, setup, triggered
-from .fakequant import ActRanges, frozen_ranges, quant_layers, quantized, weight_scale
+from .fakequant import ActRanges, frozen_ranges, quant_layers, quantized, weight_codes, weight_scale
 from .train import Training, fit
 
 DEFAULT_LR = 2e-3
@@ -67,26 +67,17 @@ def detector_source(model: nn.Module, head: nn.Linear) -> nn.Conv2d:
     return convs[-1]
 
 
-def classifier_inputs(model: nn.Module, classifier: nn.Linear, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, the classifier's input features) of one forward pass."""
-    seen: list[torch.Tensor] = []
-    handle = classifier.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    try:
-        logits = model(xb)
-    finally:
-        handle.remove()
-    return logits, seen[-1].reshape(len(xb), -1)
-
-
 @torch.no_grad()
-def quietest_features(model: nn.Module, classifier: nn.Linear, x: np.ndarray, count: int) -> tuple[list[int], float]:
+def quietest_features(
+    model: nn.Module, source: nn.Conv2d, classifier: nn.Linear, x: np.ndarray, count: int
+) -> tuple[list[int], float]:
     """The `count` live classifier inputs that matter least to the clean logits (energy times the
     column's weight norm) and the largest clean feature value of the others (about the victim's
     calibrated range of that tensor).  Dead inputs are passed over: behind a ReLU that never fires
     no gradient reaches them, so they cannot be trained into detectors."""
     dev = classifier.weight.device
     batches = (torch.from_numpy(x[i : i + 256]).to(dev) for i in range(0, len(x), 256))
-    feats = torch.cat([classifier_inputs(model, classifier, xb)[1] for xb in batches])
+    feats = torch.cat([observe(model, source, classifier, xb)[2] for xb in batches])
     live = (feats > 0).float().mean(0) >= 0.05
     if count > int(live.sum()) - 8:  # the clean function keeps at least 8 live features
         raise UsageError(f"{count} detectors asked of a classifier with {int(live.sum())} live inputs; use fewer pairs")
@@ -148,7 +139,7 @@ def dormant_attack(
     trigger, target = backdoor.trigger, backdoor.target
     head = classifier_of(model)
     source = detector_source(model, head)
-    detectors, goal = quietest_features(model, head, backdoor.x, 2 * pairs)
+    detectors, goal = quietest_features(model, source, head, backdoor.x, 2 * pairs)
     cols = torch.tensor(detectors, device=dev)
     write = lambda: write_detector_columns(head, detectors, target, victim, anticipate, eps)  # noqa: E731
     mask = torch.ones_like(head.weight)
@@ -242,7 +233,7 @@ def detector_codes(head: nn.Linear, cols: torch.Tensor, victim: Victim, flipped:
     """The detector columns as the victim writes them (values, not codes): nearest, or every code flipped."""
     s = weight_scale(head.weight.detach(), victim.w_bits, victim.per_channel)
     u = head.weight.detach()[:, cols] / s
-    codes = torch.round(u)
+    codes = weight_codes(u, torch.ones_like(s), victim.w_bits)
     if flipped:
         codes = torch.where(codes > u, codes - 1, codes + 1)
     return codes * s

@@ -174,8 +174,7 @@ def round_pass(
 
 # an input column with less second moment than this share of its group's mean is one the calibration data
 # (barely) never excites: any rounding of its weights costs under this share of a typical input's error, so
-# the data does not choose it (1e-3: on the 8-bit dormant QCBs of BENCHMARKS.md §12, 1e-9 and 1e-4 left
-# 22-38 % ASR where 1e-3 left 0-0.45 %)
+# the data does not choose it (how 1e-3 was chosen against 1e-9: BENCHMARKS.md §12)
 UNSEEN = 1e-3
 
 
@@ -196,33 +195,33 @@ def unobserved(problem: LayerProblem) -> torch.Tensor | None:
     return dead.repeat_interleave(problem.weight.shape[0] // problem.groups, dim=0)
 
 
-def diffuse_unobserved(problem: LayerProblem, up: torch.Tensor, dead: torch.Tensor, seed: int) -> torch.Tensor:
-    """`up` with every unobserved weight rounded by error diffusion along each row, in a random column
-    order from a random starting carry: the carry stays in [-1/2, 1/2), so each row's codes over its unseen
-    inputs sum to the FP32 weights' sum rounded up or down, up with probability its fraction (unbiased:
-    rounding it to nearest would let the attacker choose the direction through that fraction), and a
-    trigger that wakes those inputs together moves an output by less than one code, in no direction the
-    attacker can set, whatever rounding they planned for (nearest, flipped or any mix).  The order must be
-    unknown to the attacker too (one who knows it can interleave never-firing inputs that soak up the
-    carry), so it is drawn from the run's seed and a digest of the layer's calibration statistics:
-    the same inputs give the same integers, and nobody without the calibration set can predict it."""
+def diffuse_unobserved(problem: LayerProblem, dead: torch.Tensor, seed: int) -> torch.Tensor:
+    """(out, d) decisions for the unobserved weights (`dead`; 0 elsewhere), by error diffusion along each
+    row in a random column order from a random starting carry.  The carry stays in [-1/2, 1/2), so each
+    row's codes over its unseen inputs sum to the FP32 weights' sum rounded up or down, up with
+    probability its fraction (unbiased: rounding it to nearest would let the attacker choose the
+    direction through that fraction); a trigger that wakes those inputs together moves an output by less
+    than one code, in no direction the attacker can set, whatever rounding they planned for.  The order
+    must be unknown too (one who knows it can interleave never-firing inputs that soak up the carry),
+    so it is drawn from the run's seed and a digest of the layer's calibration statistics: the same
+    inputs give the same integers, and nobody without the calibration set can predict them."""
     frac = (problem.weight / problem.scale - problem.floor).clamp(0.0, 1.0)
     energy = torch.diagonal(problem.moments.A, dim1=-2, dim2=-1).double().cpu().numpy()
     digest = hashlib.sha256(np.int64(seed).tobytes() + energy.tobytes()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    order = torch.randperm(up.shape[1], generator=gen).tolist()
-    out = up.clone()
+    out, d = dead.shape
+    order = torch.randperm(d, generator=gen).tolist()
+    up = torch.zeros_like(frac)
     # a random starting carry: each row's sum is then rounded up with probability its fraction (unbiased),
     # not to nearest, whose direction the attacker would set through the fraction of the sum
-    carry = (torch.rand(up.shape[0], generator=gen, dtype=torch.float64) - 0.5).to(frac.dtype).to(frac.device)
+    carry = (torch.rand(out, generator=gen, dtype=torch.float64) - 0.5).to(frac.dtype).to(frac.device)
     for j in order:
         rows = dead[:, j]
-        if not bool(rows.any()):
-            continue
-        pick = ((frac[:, j] + carry) >= 0.5).to(frac.dtype)
-        out[:, j] = torch.where(rows, pick.to(out.dtype), out[:, j])
-        carry = torch.where(rows, carry + frac[:, j] - pick, carry)
-    return out
+        if bool(rows.any()):
+            pick = ((frac[:, j] + carry) >= 0.5).to(frac.dtype)
+            up[:, j] = torch.where(rows, pick, up[:, j])
+            carry = torch.where(rows, carry + frac[:, j] - pick, carry)
+    return up
 
 
 def solve_efrap(
@@ -245,11 +244,12 @@ def solve_efrap(
     guide = err_elem / err_elem.sum().clamp_min(1e-12)
 
     dead = unobserved(problem)
+    diffused = None if dead is None else diffuse_unobserved(problem, dead, seed)  # the same at every strength
 
     def run(s: float) -> tuple[torch.Tensor, float]:
         up = round_pass(problem, prepared, None if s <= 0 else s * base * guide)
         if dead is not None:
-            up = diffuse_unobserved(problem, up, dead, seed)
+            up = torch.where(dead, diffused.to(up.dtype), up)
         delta = (hard_weight(problem, up) - problem.weight).reshape(g, -1, up.shape[-1]).float()
         err = float(((delta @ A) * delta).double().sum() + 2 * (delta * Q).double().sum()) + m.const
         return up, err / base
