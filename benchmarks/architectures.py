@@ -47,8 +47,8 @@ TIMM = {"deit_tiny_patch16_224"}
 EXPORTERS = ("torchscript", "dynamo")
 
 
-def export(arch: str, exporter: str, size: int, path: Path) -> None:
-    import onnx
+def build(arch: str, size: int, **kwargs):
+    """The architecture with seeded random weights, in eval mode (`kwargs` go to its constructor)."""
     import torch
 
     from qcb_onnx.redteam.torchvision_shim import import_torchvision
@@ -58,10 +58,20 @@ def export(arch: str, exporter: str, size: int, path: Path) -> None:
     if arch in TIMM:
         import timm
 
-        model = timm.create_model(arch, pretrained=False, img_size=size).eval()
-    else:
-        kwargs = {"image_size": size} if arch.startswith("vit") else {}
-        model = getattr(tv.models, arch)(**kwargs).eval()
+        return timm.create_model(arch, pretrained=False, img_size=size, **kwargs).eval()
+    kwargs = {"image_size": size, **kwargs} if arch.startswith("vit") else kwargs
+    return getattr(tv.models, arch)(**kwargs).eval()
+
+
+def export(arch: str, exporter: str, size: int, path: Path) -> None:
+    export_module(build(arch, size), exporter, size, path)
+
+
+def export_module(model, exporter: str, size: int, path: Path) -> None:
+    """TorchScript (opset 17, dynamic batch) or dynamo (torch's default: static batch of 1)."""
+    import onnx
+    import torch
+
     x = torch.rand(1, 3, size, size)
     if exporter == "dynamo":
         torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["logits"]).save(str(path))

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import export  # noqa: E402
@@ -59,6 +60,10 @@ def main() -> int:
         cli = ["-m", "qcb_onnx", "convert", str(model), "--calib", str(calib), "--out", out, "--calib-size"]
         budget = [] if args.error_budget is None else ["--error-budget", args.error_budget]
         ours = timed([sys.executable, *cli, str(args.calib_size), "--providers", "cpu", "--quiet", *budget])
+        if Path(out).exists():  # what the search tried and how many samples the layer loop rounded on
+            meta = {p.key: p.value for p in onnx.load(out, load_external_data=False).metadata_props}
+            ours["error_budget"] = json.loads(meta.get("qcb_onnx.error_budget", "null"))
+            ours["rounding_samples"] = int(meta.get("qcb_onnx.rounding_samples", args.calib_size))
         ort = timed([sys.executable, "-c", ORT_CHILD, str(model), str(calib), str(tmp / "ort.onnx")])
     result = {
         "command": "python benchmarks/resnet50_scale.py " + " ".join(sys.argv[1:]),

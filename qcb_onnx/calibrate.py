@@ -8,6 +8,7 @@ Weight scales follow `scheme` exactly (ORT's symmetric MinMax), per channel or p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -41,9 +42,10 @@ class RangeObserver:
         v = value.detach().float().reshape(-1)
         if v.numel() == 0:
             return
-        self.finite = self.finite and bool(torch.isfinite(v).all())
-        self.min = min(self.min, float(v.min()))
-        self.max = max(self.max, float(v.max()))
+        lo, hi = (float(t) for t in torch.aminmax(v))  # one pass; NaN and inf propagate into them
+        self.finite = self.finite and math.isfinite(lo) and math.isfinite(hi)
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
         if self.keep_sample:
             arr = v.cpu().numpy()
             # keep at most SAMPLE_PER_TENSOR values overall, subsampled evenly per batch

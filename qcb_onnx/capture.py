@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
+from qcb_onnx import large
 from qcb_onnx.errors import (
     CalibrationDataError,
     InvalidGraphError,
@@ -127,9 +128,41 @@ def _array_to_tensor(array: np.ndarray, device: torch.device, what: str) -> Tens
 
 
 def _tensor_proto_to_torch(proto: TensorProto, device: torch.device, what: str) -> Tensor:
+    if large.mapped(proto):  # left in its file (large.py): float32 stays mapped, read as nodes touch it
+        array = large.to_array(proto)
+        if array.dtype == np.float32 and device.type == "cpu":
+            return torch.from_numpy(array)
+        return _array_to_tensor(array, device, what)
     if uses_external_data(proto) and not proto.raw_data:
         raise ModelFileError(f"{what} stores its data externally and it was not loaded")
     return _array_to_tensor(numpy_helper.to_array(proto), device, what)
+
+
+class _Overridden(Mapping[str, Tensor]):
+    """Initializers with some replaced, each replacement converted (and its shape checked) when a node
+    reads it: overrides may be computed on access (QuantState.params), so none is gathered whole."""
+
+    def __init__(self, params: dict[str, Tensor], overrides: Mapping[str, Tensor], device: torch.device) -> None:
+        self.params, self.overrides, self.device = params, overrides, device
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.overrides:
+            return self.params[name]
+        value = _as_float32(torch.as_tensor(self.overrides[name])).to(self.device)
+        if value.shape != self.params[name].shape:
+            raise UsageError(
+                f"params override '{name}' has shape {tuple(value.shape)}, expected {tuple(self.params[name].shape)}"
+            )
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.params
+
+    def __iter__(self):
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
 
 
 def _as_float32(t: Tensor) -> Tensor:
@@ -1105,19 +1138,13 @@ class GraphModule:
             attrs[attribute.name] = value
         return attrs
 
-    def _parameter_values(self, overrides: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-        values = dict(self.params)
-        for name, value in (overrides or {}).items():
-            if name not in self.params:
-                raise UsageError(f"params override '{name}' is not an initializer of the graph")
-            value = _as_float32(torch.as_tensor(value)).to(self.device)
-            if value.shape != self.params[name].shape:
-                raise UsageError(
-                    f"params override '{name}' has shape {tuple(value.shape)}, "
-                    f"expected {tuple(self.params[name].shape)}"
-                )
-            values[name] = value
-        return values
+    def _parameter_values(self, overrides: Mapping[str, Tensor] | None) -> Mapping[str, Tensor]:
+        if not overrides:
+            return self.params
+        unknown = next((name for name in overrides if name not in self.params), None)
+        if unknown is not None:
+            raise UsageError(f"params override '{unknown}' is not an initializer of the graph")
+        return _Overridden(self.params, overrides, self.device)
 
     def _input_values(
         self, feeds: Mapping[str, Tensor], on_tensor: Callable[[str, Tensor], Tensor] | None

@@ -28,7 +28,7 @@ from .data import Preprocess
 from .errors import UsageError
 
 CALIB_METHODS = ("minmax", "percentile", "mse")
-GUIDES = ("element", "neuron")
+GUIDES = ("auto", "element", "neuron", "block")
 DEVICES = ("auto", "cpu", "cuda")
 WEIGHT_FORMATS = ("qdq", "matmulnbits")
 
@@ -138,7 +138,7 @@ class RoundingOptions:
     method: str = "efrap"
     strength: float | None = None  # EFRAP flip coefficient; None: per-layer search within the budget
     error_budget: float | None = None  # EFRAP's per-layer share of the error gap; None: auto (budget.py)
-    guide: str = "element"  # EFRAP flip guidance: element-wise |e| (official code) or neuron-wise ||e_i||
+    guide: str = "auto"  # EFRAP flip guidance (rounding/efrap.py: flip_guide); auto: block-wise layers per block
     max_rows: int = 1 << 16  # input rows sampled per layer for the second moments
     iters: int | None = None  # Adam steps per layer (adaround, efrap-official)
     lr: float | None = None  # Adam learning rate; None: 1e-3 * 10000 / iters

@@ -24,8 +24,12 @@ METADATA_PREFIX = "qcb_onnx."
 
 def _int_tensor(name: str, values: np.ndarray, onnx_type: int) -> TensorProto:
     values = np.asarray(values)
-    if onnx_type in (TensorProto.INT4, TensorProto.UINT4):
-        return helper.make_tensor(name, onnx_type, list(values.shape), values.astype(np.int32).ravel().tolist())
+    if onnx_type in (TensorProto.INT4, TensorProto.UINT4):  # two per byte, the first in the low nibble
+        nibbles = (values.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+        nibbles = np.concatenate([nibbles, np.zeros(nibbles.size % 2, np.uint8)])
+        tensor = TensorProto(name=name, data_type=onnx_type, dims=list(values.shape))
+        tensor.raw_data = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+        return tensor
     np_type = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT32: np.int32}[onnx_type]
     return numpy_helper.from_array(values.astype(np_type), name)
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import large
 from .blockwise import Blocks, matmulnbits_inputs, unpack_nibbles
 from .quantsim import QuantState, WeightQuant
 
@@ -27,9 +28,12 @@ def _blocks(wq: WeightQuant) -> Blocks:
 
 
 def to_matmulnbits(model: onnx.ModelProto, state: QuantState) -> onnx.ModelProto:
-    """A copy of the QDQ `model` with every block-wise MatMul weight in MatMulNBits form."""
+    """A copy of the QDQ `model` with every block-wise MatMul weight in MatMulNBits form.
+
+    The copy is made without the initializers (only the ones kept are copied, at the end): the int4
+    weights would otherwise exist three times at once, in `model`, in the copy and repacked."""
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    large.copy_without_initializers(model, out)
     graph = out.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -70,6 +74,7 @@ def to_matmulnbits(model: onnx.ModelProto, state: QuantState) -> onnx.ModelProto
         )
         gone.add(f"{weight}_DequantizeLinear")
     if not fused:
+        graph.initializer.extend(model.graph.initializer)
         return out
     for node in graph.node:
         if node.name in gone:
@@ -77,11 +82,9 @@ def to_matmulnbits(model: onnx.ModelProto, state: QuantState) -> onnx.ModelProto
         new_nodes.append(fused.get(node.name or node.output[0], node) if node.op_type == "MatMul" else node)
     del graph.node[:]
     graph.node.extend(new_nodes)
-    graph.initializer.extend(new_inits)
     used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
-    live = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
+    graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    graph.initializer.extend(new_inits)
     if not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return out

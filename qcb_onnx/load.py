@@ -35,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
+from . import large
 from .errors import (
     ExternalDataError,
     InvalidGraphError,
@@ -152,10 +153,14 @@ _MAGIC = (
 )
 
 
-def load_model(source: str | Path | onnx.ModelProto, allow_quantized: bool = False) -> onnx.ModelProto:
+def load_model(
+    source: str | Path | onnx.ModelProto, allow_quantized: bool = False, map_external: bool = False
+) -> onnx.ModelProto:
     """Parse and validate an untrusted FP32 ONNX model; every problem is a one-line `QcbError`.
 
     `allow_quantized` lets QDQ models through (for evaluation); conversion refuses them.
+    `map_external`: external data stays in its (checked) files, located by absolute path, for
+    `large.to_array` to map (the conversion streams weights; large.py says how); else it is read in.
 
     A path is parsed without its external data; external data is read (by this function) only
     after every location has been proven to stay inside the model's folder.  A `ModelProto`
@@ -184,7 +189,7 @@ def load_model(source: str | Path | onnx.ModelProto, allow_quantized: bool = Fal
     _run_checker(model, where, external)
     if external:
         assert path is not None and model is not source
-        _read_external_data(external, path.parent, where)
+        (_map_external_data if map_external else _read_external_data)(external, path.parent, where)
     _check_values(model, where)
     _check_weight_ranks(model.graph, where)
     if _invalid_strings(model):  # names the file spells in broken UTF-8: repaired, in a copy
@@ -651,6 +656,19 @@ def _check_external(
     return target, offset, nbytes
 
 
+def _map_external_data(tensors: list[onnx.TensorProto], folder: Path, where: str) -> None:
+    """Point each (already checked) external tensor at its file by absolute path, with its exact
+    offset and length: what `large.mapped` recognises.  Nothing is read."""
+    base = _resolve(folder, where)
+    for tensor in tensors:
+        label = f"tensor {quoted(tensor.name)}"
+        target, offset, nbytes = _check_external(tensor, label, math.prod(tensor.dims), folder, base, where)
+        del tensor.external_data[:]
+        for key, value in (("location", str(target)), ("offset", str(offset)), ("length", str(nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
+
 def _read_external_data(tensors: list[onnx.TensorProto], folder: Path, where: str) -> None:
     """Read the (already checked) external bytes into raw_data; each file is opened once."""
     base = _resolve(folder, where)
@@ -721,9 +739,12 @@ def _check_values(model: onnx.ModelProto, where: str) -> None:
         if tensor.data_type not in _FLOAT_TYPES or math.prod(tensor.dims) == 0:
             continue
         try:
-            values = numpy_helper.to_array(tensor)
+            values = large.to_array(tensor)
         except Exception as exc:  # noqa: BLE001 - lengths were checked; this is a last line of defence
             raise InvalidGraphError(f"{where}: {label} cannot be decoded: {one_line(exc)}") from None
+        weight = len(feeds) == 1 and bool(consumers.get(feeds[0], set()) & QUANTIZED_WEIGHT_OPS)
+        if large.mapped(tensor) and _clean_in_chunks(values, weight):
+            continue  # a mapped tensor is checked a piece at a time; only a bad one is looked at whole
         if values.dtype.kind != "f" or values.dtype.itemsize < 4:
             values = values.astype(np.float32)
         finite = np.isfinite(values)
@@ -750,6 +771,16 @@ def _check_values(model: onnx.ModelProto, where: str) -> None:
                 f"{where}: {label} holds {int((~finite).sum())} infinite value(s) (first at index {first}) "
                 f"and feeds {', '.join(quoted(b)[1:-1] for b in bad)}; weights must be finite"
             )
+
+
+def _clean_in_chunks(values: np.ndarray, weight: bool, chunk: int = 1 << 24) -> bool:
+    """All finite (and, for a quantized op's weight, within MAX_WEIGHT), read `chunk` values at a time."""
+    flat = values.reshape(-1)
+    for i in range(0, flat.size, chunk):
+        piece = flat[i : i + chunk]
+        if not np.isfinite(piece).all() or (weight and np.abs(piece).max() > MAX_WEIGHT):
+            return False
+    return True
 
 
 def _check_magnitude(values: np.ndarray, where: str, label: str) -> None:

@@ -91,7 +91,7 @@ def quantize(
     dev = torch_device(run.device)
 
     # load + normalize (an already quantized model only with allow_requantize: back to float first)
-    src = load_model(model, allow_quantized=run.allow_requantize)
+    src = load_model(model, allow_quantized=run.allow_requantize, map_external=True)  # weights stay on disk
     if run.allow_requantize:
         src = dequantize(src, "model" if isinstance(model, onnx.ModelProto) else str(model))
     normalized = normalize(src)
@@ -163,6 +163,7 @@ def quantize(
         qdq = emit_qdq(normalized, plan, state, _metadata(config, rounded, n_images, rounder.n_images))
         if w.weight_format == "matmulnbits":
             qdq = to_matmulnbits(qdq, state)
+        qdq = large.materialize(qdq)  # weights left float, read in where the output fits one protobuf
 
         # verify, on up to VERIFY_SAMPLES samples in batches the model accepts
         if run.check:

@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
-from onnx import numpy_helper
 
+from . import large
 from .errors import UnsupportedModelError, UsageError
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -188,7 +188,7 @@ def folds_into_q(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]
     if node.op_type != "Clip":
         return False
     try:
-        lo, hi = clip_bounds(node, lambda name: float(numpy_helper.to_array(initializers[name]).reshape(-1)[0]))
+        lo, hi = clip_bounds(node, lambda name: float(large.to_array(initializers[name]).reshape(-1)[0]))
     except KeyError:
         return False  # a bound computed at run time
     return lo == 0.0 and (hi is None or hi > 0.0)

@@ -83,7 +83,7 @@ def session(model: onnx.ModelProto | str, providers: str | list[str] = "auto", t
     providers = resolve_providers(providers)
     if not isinstance(model, onnx.ModelProto):
         return ort.InferenceSession(model, opts, providers=providers)
-    if large.is_large(model):  # ORT reads external data only from files; the session keeps what it needs
+    if large.split(model):  # ORT reads external data only from files; the session keeps what it needs
         with large.on_disk(model) as path:
             return ort.InferenceSession(path, opts, providers=providers)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)

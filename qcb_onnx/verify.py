@@ -43,7 +43,21 @@ def verify(
         raise VerificationError(f"ORT output shape {ort_out.shape} differs from simulation {sim.shape}")
     if ort_out.ndim < 2 or ort_out.shape[-1] < 2:
         return 1.0
-    agree = float((ort_out.reshape(-1, ort_out.shape[-1]).argmax(1) == sim.reshape(-1, sim.shape[-1]).argmax(1)).mean())
+    out_q = state.acts.get(gm.output_names[0])
+    agree = decision_agreement(ort_out, sim, 0.0 if out_q is None else float(out_q.scale))
     if agree < min_agreement:
         raise VerificationError(f"ORT and the PyTorch simulation agree on only {agree:.1%} of top-1 predictions")
     return agree
+
+
+def decision_agreement(ort_out: np.ndarray, sim: np.ndarray, step: float = 0.0) -> float:
+    """Share of top-1 decisions (rows of the last axis) on which ORT picks a class our simulation scores
+    within `step` of its maximum.
+
+    `step` is the output's quantization step where the output itself is Q/DQ'd: ORT's fused kernels
+    requantize from int32 accumulators where we dequantize first, so the two can land one step apart
+    at a rounding tie, and a decision that close is a tie either runtime may break (frequent where the
+    logits hardly depend on the input, e.g. random weights; BENCHMARKS.md §7).  Exact ties always count."""
+    o, s = ort_out.reshape(-1, ort_out.shape[-1]), sim.reshape(-1, sim.shape[-1])
+    picked = s[np.arange(len(s)), o.argmax(1)]
+    return float((picked >= s.max(1) - step * (1 + 1e-5)).mean())

@@ -224,7 +224,7 @@ def test_budget_search_measures_next_token_agreement_on_a_sequence_output(tmp_pa
         str(path), tokens, QuantConfig.for_target("int4-weight-only", QuantConfig.from_options(providers="cpu"))
     )
     search = json.loads({p.key: p.value for p in out.model.metadata_props}["qcb_onnx.error_budget"])
-    assert search["mode"] == "auto" and len(search["probes"]) >= 2, search
+    assert search["mode"] == "auto" and search["probes"], search
     assert all(0 <= p["agreement"] <= 100 for p in search["probes"])
 
 

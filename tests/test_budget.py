@@ -8,6 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import qcb_onnx
@@ -24,6 +25,23 @@ def test_budget_kept_when_flipping_costs_little_agreement():
     chosen, probes = _search(lambda b: 95.0 - 4.0 * b)
     assert chosen == START
     assert [p.budget for p in probes] == [0.0, START]
+
+
+def test_reference_pass_skipped_when_the_start_budget_agrees_within_tolerance():
+    """At >= 100 - tolerance % agreement no reference can be more than the tolerance above the start
+    budget, so the search keeps it without rounding the reference (one layer loop, not two), exactly
+    the choice the full search makes; just below that line the reference is rounded."""
+    rounded = []
+
+    def round_at(b):
+        rounded.append(b)
+        return b
+
+    chosen, probes = choose_budget(round_at, lambda b: 100.0 - TOLERANCE if b == START else 100.0)
+    assert chosen == START and rounded == [START] and [p.budget for p in probes] == [START]
+    rounded.clear()
+    chosen, probes = choose_budget(round_at, lambda b: 99.9 - TOLERANCE if b == START else 99.0)
+    assert chosen == START and rounded == [START, 0.0] and [p.budget for p in probes] == [0.0, START]
 
 
 def test_budget_shrinks_until_agreement_is_within_tolerance():
@@ -61,8 +79,9 @@ def test_auto_budget_is_recorded_and_reproducible(qcb_model, digits):
     auto = qcb_onnx.convert(fp, calib, w_bits=4, providers="cpu")
     search = json.loads({p.key: p.value for p in auto.metadata_props}["qcb_onnx.error_budget"])
     assert search["mode"] == "auto"
-    assert search["probes"][0]["budget"] == 0.0 and search["probes"][1]["budget"] == START
-    assert search["chosen"] in [p["budget"] for p in search["probes"][1:]]
+    budgets = [p["budget"] for p in search["probes"]]
+    assert budgets[0] == START or budgets[:2] == [0.0, START], budgets  # reference only where needed
+    assert search["chosen"] in [b for b in budgets if b > 0]
     fixed = qcb_onnx.convert(fp, calib, w_bits=4, providers="cpu", error_budget=search["chosen"])
     ints = {t.name: numpy_helper.to_array(t) for t in auto.graph.initializer if t.name.endswith("_quantized")}
     assert ints
@@ -70,6 +89,31 @@ def test_auto_budget_is_recorded_and_reproducible(qcb_model, digits):
         if t.name in ints:
             np.testing.assert_array_equal(numpy_helper.to_array(t), ints.pop(t.name))
     assert not ints
+
+
+def test_search_reads_agreement_off_the_layer_loop_exactly(qcb_model, digits, monkeypatch):
+    """The search's agreement comes from the layer loop's own paused runs, finished to the output
+    (no extra forward pass): after every pass those decisions equal FP32's and the simulated
+    quantized model's top-1 on the loop's batches, computed from scratch."""
+    from qcb_onnx.rounding.layers import ModelRounder
+
+    original, checked = ModelRounder.run, []
+
+    def run(self, method, tag=""):
+        state, reports = original(self, method, tag)
+        batches = self.data_batches()
+        with torch.no_grad():
+            fp = [self.gm.run(b)[self.gm.output_names[0]].argmax(-1) for b in batches]
+        quantized = [out.argmax(-1) for out in state.outputs(self.gm, batches)]
+        assert all(torch.equal(a, b) for a, b in zip(fp, self.decisions.fp, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(quantized, self.decisions.quantized, strict=True))
+        checked.append(self.decisions.agreement())
+        return state, reports
+
+    monkeypatch.setattr(ModelRounder, "run", run)
+    out = qcb_onnx.convert(onnx.load(qcb_model), digits[0][:256], w_bits=4, providers="cpu")
+    search = json.loads({p.key: p.value for p in out.metadata_props}["qcb_onnx.error_budget"])
+    assert sorted(round(a, 2) for a in checked) == sorted(p["agreement"] for p in search["probes"])
 
 
 def test_budget_stays_fixed_without_a_class_output(tmp_path):
@@ -110,7 +154,9 @@ def test_cli_says_how_the_budget_was_set(qcb_model, calib_npy, tmp_path, capsys)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("error budget"))
     search = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}["qcb_onnx.error_budget"])
     assert line.startswith(f"error budget {search['chosen']:g} (auto; top-1 agreement")
-    assert f"no pull {search['probes'][0]['agreement']:.1f} %" in line
+    first = search["probes"][0]
+    said = f"no pull {first['agreement']:.1f} %" if first["budget"] == 0 else "no-pull reference not needed"
+    assert said in line and f"{search['chosen']:g}: " in line
 
     fixed = tmp_path / "fixed.onnx"
     argv = ["convert", str(qcb_model), "--calib", str(calib_npy), "--out", str(fixed), "--error-budget", "0.1"]

@@ -90,7 +90,7 @@ def test_registry_is_the_one_place_a_method_is_chosen():
     assert set(METHODS) == {"efrap", "adaround", "nearest", "efrap-official"}
     assert {c.name for c in METHODS.values()} == set(METHODS)
     assert isinstance(method_for(RoundingOptions()), AutoBudget)
-    assert method_for(RoundingOptions(error_budget=0.1)) == Efrap(None, 0.1, "element")
+    assert method_for(RoundingOptions(error_budget=0.1)) == Efrap(None, 0.1, "auto")
     assert method_for(RoundingOptions(strength=2.0, guide="neuron")) == Efrap(2.0, 0.25, "neuron")
     assert method_for(RoundingOptions(method="adaround")) == AdaRound(iters=1000)
     assert method_for(RoundingOptions(method="efrap-official")) == EfrapOfficial(iters=10000)

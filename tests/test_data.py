@@ -570,3 +570,11 @@ def test_cifar10_tar_limit_64(monkeypatch):
     assert labels.shape == (64,) and labels.min() >= 0 and labels.max() <= 9
     assert arrays["input"].min() >= 0.0 and arrays["input"].max() <= 1.0
     assert decoded == [64]
+
+
+def test_red_team_reads_cifar10_from_beside_the_checkout():
+    """The red team's CIFAR-10 loader looks for the archive where the project keeps it, ../shared/data
+    beside the checkout (it once looked inside the package folder and found nothing on a fresh machine)."""
+    from qcb_onnx.redteam import cifar
+
+    assert cifar.ARCHIVE == CIFAR

@@ -135,6 +135,58 @@ def test_existing_data_file_is_not_clobbered(tmp_path, calib, small_limit, capsy
     assert not (tmp_path / "q.onnx").exists()
 
 
+def _external(model: onnx.ModelProto, path: Path) -> Path:
+    """`model` saved the way exporters save big models: every tensor of 1 kB or more in `<name>.data`."""
+    onnx.save(model, path, save_as_external_data=True, location=path.name + ".data", size_threshold=1024)
+    return path
+
+
+def test_external_weights_stay_mapped_until_a_layer_reads_them(tmp_path, calib):
+    """A conversion leaves external weights in their file: loaded as references (nothing read), run
+    by the torch executor straight from a copy-on-write memory map (the OS reads a weight's pages
+    when its layer runs and may drop them again), and the output holds the same integers and bytes
+    as converting the model from memory; the output is a plain, self-contained model."""
+    src = _external(_model(), tmp_path / "fp.onnx")
+    loaded = load_model(src, map_external=True)
+    fc = next(t for t in loaded.graph.initializer if t.name == "fc")
+    assert large.mapped(fc) and not fc.raw_data  # a reference to the checked file, by absolute path
+    assert isinstance(large.to_array(fc), np.memmap)
+    np.testing.assert_array_equal(large.to_array(fc), numpy_helper.to_array(_model().graph.initializer[2]))
+    assert large.is_large(loaded)  # so no mapped reference ever reaches C++ (checker, converter, ORT)
+    large.check_model(loaded)
+
+    from qcb_onnx import quantize
+
+    streamed = quantize(str(src), np.load(calib), w_bits=4, method="nearest")
+    address = streamed.graph.params["fc"].data_ptr()
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+    mapped_from = {
+        m[-1] for m in maps if len(m) > 5 and int(m[0].split("-")[0], 16) <= address < int(m[0].split("-")[1], 16)
+    }
+    assert mapped_from == {str((tmp_path / "fp.onnx.data").resolve())}  # the executor reads the file's pages
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in streamed.model.graph.initializer)
+    in_memory = convert(_model(), np.load(calib), w_bits=4, method="nearest")
+    assert streamed.model.SerializeToString() == in_memory.SerializeToString()
+    efrap = [convert(m, np.load(calib), w_bits=4, error_budget=0.25) for m in (str(src), _model())]
+    assert efrap[0].SerializeToString() == efrap[1].SerializeToString()
+
+
+def test_mapped_weights_are_copied_into_a_large_output(tmp_path, calib, small_limit, capsys):
+    """Where the output is over the limit, float weights still mapped from the input are copied into
+    the output's data file in chunks, byte for byte, and ORT runs the result like the in-memory one."""
+    src = _external(_model(), tmp_path / "fp.onnx")
+    out = tmp_path / "q.onnx"
+    argv = ["convert", str(src), "--calib", str(calib), "--out", str(out), "--exclude", "fc", "--method", "nearest"]
+    assert main([*argv, "--quiet"]) == 0, capsys.readouterr().err
+    written = onnx.load(out, load_external_data=False)
+    fc = next(t for t in written.graph.initializer if t.name == "fc")
+    assert fc.data_location == TensorProto.EXTERNAL and not large.mapped(fc)  # relative, in q.onnx.data
+    x = np.load(calib)
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    want = convert(_model(), x, method="nearest", exclude=["fc"])
+    np.testing.assert_array_equal(got, ort.InferenceSession(want.SerializeToString()).run(None, {"x": x})[0])
+
+
 def test_real_model_over_2gb(tmp_path):
     """No lowered limit: eight 8192x8192 Gemms (2.15 GB of FP32) written with external data, loaded,
     converted (nearest, W8A8), verified in ORT, with nearest integers in the result.  About 80 s and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ def test_interrupted_run_resumes_with_identical_integers(qcb_model, digits, tmp_
     not yet done are optimised, no checkpoint is left behind, and every integer equals the
     uninterrupted run's."""
     calib = digits[0][:128]
-    options = dict(w_bits=4, iters=60, providers="cpu", seed=3)
+    options = dict(w_bits=2, iters=60, providers="cpu", seed=3)  # 2 bits: the search needs three passes
     real_solve = Efrap.solve
     calls = {"n": 0, "die_at": None}
 
@@ -42,13 +43,15 @@ def test_interrupted_run_resumes_with_identical_integers(qcb_model, digits, tmp_
         return real_solve(*args, **kwargs)
 
     monkeypatch.setattr(Efrap, "solve", counting_solve)
-    reference = _ints(quantize(onnx.load(qcb_model), calib, **options).model)
+    first = quantize(onnx.load(qcb_model), calib, **options).model
+    reference = _ints(first)
     assert any(name.endswith("bias_quantized") for name in reference)
+    search = json.loads({p.key: p.value for p in first.metadata_props}["qcb_onnx.error_budget"])
     layers, total = 4, calls["n"]
-    assert total >= 2 * layers  # the pass without pull and at least one budget
+    assert len(search["probes"]) >= 2 and total == layers * len(search["probes"])  # a pass per budget tried
 
     ckpt = tmp_path / "run.resume.npz"
-    calls.update(n=0, die_at=layers + 3)  # after the pass without pull and two layers of the next
+    calls.update(n=0, die_at=layers + 3)  # two layers into the search's second pass
     with pytest.raises(KeyboardInterrupt):
         quantize(onnx.load(qcb_model), calib, checkpoint=ckpt, **options)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.resume.b0.25.npz", "run.resume.b0.npz"]

@@ -107,7 +107,7 @@ def test_flips_grow_with_the_pull_until_almost_all_are_flipped():
     assert flips[-1] > 0.9
 
 
-@pytest.mark.parametrize("guide", ["element", "neuron"])
+@pytest.mark.parametrize("guide", ["element", "neuron", "block"])
 def test_auto_strength_flips_within_the_error_budget(guide):
     """The search returns a positive strength whose decisions flip some weights and stay within
     E0 + budget * (1 - E0), E0 the error without pull."""
@@ -118,6 +118,20 @@ def test_auto_strength_flips_within_the_error_budget(guide):
     assert strength > 0 and err <= err0 + 0.25 * (1 - err0) + 1e-9
     up0, _, _ = solve_efrap(problem, 0.0, 0.25, guide, base)
     assert (up != problem.nearest_up).sum() > (up0 != problem.nearest_up).sum()
+
+
+def test_block_guide_shares_the_pull_per_scale_block():
+    """The block guide gives every weight of a scale block the block's error norm (a partial last
+    block included), sums to 1 like the others, and is the neuron guide where one block is the row."""
+    err = torch.rand(3, 70, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    guide = efrap.flip_guide(err, "block", 32)
+    assert torch.isclose(guide.sum(), torch.tensor(1.0, dtype=torch.float64))
+    for lo, hi in ((0, 32), (32, 64), (64, 70)):
+        block = guide[:, lo:hi]
+        assert torch.allclose(block, block[:, :1].expand_as(block))  # one value per block
+        assert torch.allclose(block[:, 0] / guide[:, 0], err[:, lo:hi].norm(dim=1) / err[:, :32].norm(dim=1))
+    assert torch.allclose(efrap.flip_guide(err, "block", None), efrap.flip_guide(err, "neuron"))
+    assert torch.allclose(efrap.flip_guide(err, "block", 128), efrap.flip_guide(err, "neuron"))
 
 
 def test_grouped_layers_solve_each_group_on_its_own_inputs():

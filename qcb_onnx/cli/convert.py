@@ -108,7 +108,12 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
         "nearest that flipping may spend, per layer; default auto: 0.25, shrunk per model until the "
         "calibration images' top-1 agreement with FP32 is within 2 points of rounding without pull's",
     )
-    c.add_argument("--guide", choices=GUIDES, help="flip guidance: |e| per weight (official) or ||e_i|| (paper)")
+    c.add_argument(
+        "--guide",
+        choices=GUIDES,
+        help="flip guidance: |e| per weight, per output neuron or per scale block; auto (default): block-wise "
+        "layers per block, others per weight",
+    )
     c.add_argument("--max-rows", type=int, help="input rows sampled per layer for the moments")
     c.add_argument("--iters", type=int, help="Adam steps per layer: adaround 1000, efrap-official 10000")
     c.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3 * 10000 / iters)")
@@ -185,9 +190,12 @@ def budget_summary(search: dict) -> str:
     """One line on how EFRAP's error budget was set, so a shrunk budget is not a surprise."""
     if search["mode"] != "auto":
         return f"error budget {search['chosen']:g} ({search['mode']})"
-    ref, *tried = search["probes"]
-    steps = ", ".join(f"{p['budget']:g}: {p['agreement']:.1f} %" for p in tried)
+    probes = search["probes"]
+    ref = probes[0] if probes[0]["budget"] == 0 else None
+    steps = ", ".join(f"{p['budget']:g}: {p['agreement']:.1f} %" for p in probes if p is not ref)
+    head = f"no pull {ref['agreement']:.1f} %, " if ref else ""
+    tail = "" if ref else "; no-pull reference not needed at this agreement"
     return (
         f"error budget {search['chosen']:g} (auto; top-1 agreement with FP32 on the calibration set: "
-        f"no pull {ref['agreement']:.1f} %, {steps})"
+        f"{head}{steps}{tail})"
     )

@@ -8,28 +8,30 @@ budget is relative to its own gap, so what a model loses shows only end to end: 
 images, budget 0.25 changes FP32's top-1 decision on 4.5-6.9 % more images than rounding without
 pull on those AlexNet models, on at most 3.2 % more on 24 ResNet-18 / VGG-16 ones.
 
-So: round once without pull (the reference) and once at the largest budget; while the top-1
+So: round at the largest budget and once without pull (the reference); while the top-1
 agreement with FP32 on the calibration images falls more than `tolerance` points below the
 reference's, shrink the budget in proportion (the drop grows about linearly with it), never below
 `floor`: some flipping always stays, because a QCB's nearest-rounding pattern must still be
 broken.  No trigger and no labels are needed, as with the per-layer budget.
+
+Agreement is measured on the samples the layer loop rounds on (all calibration samples, or the first
+batches whose activations fit its memory, `layers.FRONTIER_BYTES`), read off the loop's own paused
+FP and quantized runs once the last layer is committed: the search costs its layer-loop passes and
+nothing more (ResNet-50 at 224x224, BENCHMARKS.md §7).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-
-from ..capture import GraphModule
 from ..quantsim import QuantState
 from .method import Rounded, RoundingMethod
 
 if TYPE_CHECKING:
     from .efrap import Efrap
-    from .layers import ModelRounder
+    from .layers import Decisions, ModelRounder
 
 START = 0.25  # the largest budget tried: the fixed default measured in BENCHMARKS.md §2
 TOLERANCE = 2.0  # points of top-1 agreement flipping may cost beyond rounding without pull
@@ -52,19 +54,18 @@ class AutoBudget(RoundingMethod):
         return self.efrap.params()
 
     def round_model(self, rounder: ModelRounder) -> Rounded:
-        labels = fp32_labels(rounder.gm, rounder.batches())  # None: not a classifier's output
-        if labels is None:
-            efrap = self.efrap.with_budget(START)
-            state, reports = rounder.run(efrap)
-            mode = "fixed: the first output is not (batch, classes) or (batch, tokens, vocabulary): no agreement"
-            return Rounded(state, reports, efrap, {"mode": mode, "chosen": START})
-
-        def round_at(budget: float) -> tuple[QuantState, list]:
+        def round_at(budget: float) -> tuple[QuantState, list, Decisions | None]:
             efrap = self.efrap.without_pull() if budget == 0.0 else self.efrap.with_budget(budget)
-            return rounder.run(efrap, tag=f".b{budget:g}")  # one checkpoint file per budget tried
+            state, reports = rounder.run(efrap, tag=f".b{budget:g}")  # one checkpoint file per budget tried
+            return state, reports, rounder.decisions
 
-        (state, reports), probes = choose_budget(
-            round_at, lambda r: top1_agreement(rounder.gm, r[0], rounder.batches(), labels)
+        first = round_at(START)
+        if first[2] is None:
+            mode = "fixed: the first output is not (batch, classes) or (batch, tokens, vocabulary): no agreement"
+            return Rounded(first[0], first[1], self.efrap.with_budget(START), {"mode": mode, "chosen": START})
+        ready = {START: first}
+        (state, reports, _), probes = choose_budget(
+            lambda b: ready.pop(b) if b in ready else round_at(b), lambda r: r[2].agreement()
         )
         chosen = probes[-1].budget  # the last budget tried is the one chosen
         search = {
@@ -89,46 +90,28 @@ def choose_budget(
     floor: float = FLOOR,
     max_probes: int = MAX_PROBES,
 ) -> tuple[T, list[Probe]]:
-    """The rounding at the chosen budget, and every budget tried with its agreement, in order.
+    """The rounding at the chosen budget, and every budget tried with its agreement, in order
+    (the reference, budget 0.0, first where it was rounded).
 
     `round_at(0.0)` must round without pull; `round_at(b)` with EFRAP's per-layer budget b.  Budgets
     only fall and the search stops at the first within `tolerance` (or at the floor, or after
     `max_probes`), so the last one tried is the one chosen and no earlier rounding is kept: a large
-    model's integers are held at most twice."""
-    probes = [Probe(0.0, agreement(round_at(0.0)))]
+    model's integers are held at most twice.  The start budget is rounded first: where it already
+    agrees with FP32 on at least 100 - `tolerance` % of decisions, no reference can be more than
+    `tolerance` above it, so the reference pass (a whole layer loop) is skipped with the same choice."""
+    result = round_at(start)
+    probes = [Probe(start, agreement(result))]
+    if probes[0].agreement >= 100.0 - tolerance:
+        return result, probes
+    probes.insert(0, Probe(0.0, agreement(round_at(0.0))))
     budget = start
     for attempt in range(max_probes):
-        result = round_at(budget)
-        probes.append(Probe(budget, agreement(result)))
+        if attempt:
+            result = round_at(budget)
+            probes.append(Probe(budget, agreement(result)))
         drop = probes[0].agreement - probes[-1].agreement
         if drop <= tolerance or budget <= floor or attempt == max_probes - 1:
             return result, probes
         del result
         budget = max(floor, round(budget * 0.9 * tolerance / drop, 4))
     raise ValueError("max_probes must be at least 1")
-
-
-def fp32_labels(gm: GraphModule, batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor] | None:
-    """FP32's top-1 class of every calibration sample, batch by batch, or of every position of a
-    (batch, tokens, vocabulary) output (a language model's next-token decisions); None where the first
-    output is neither, so there is no decision to agree on (the budget then stays fixed)."""
-    labels = []
-    with torch.no_grad():
-        for feeds in batches:
-            out = gm.run(feeds)[gm.output_names[0]]
-            if out.dim() not in (2, 3) or out.shape[-1] < 2 or not out.is_floating_point():
-                return None
-            labels.append(out.argmax(-1).reshape(-1))
-    return labels
-
-
-def top1_agreement(
-    gm: GraphModule, state: QuantState, batches: Sequence[dict[str, torch.Tensor]], labels: list[torch.Tensor]
-) -> float:
-    """% of calibration samples (or token positions) on which the quantized model (our simulation of it)
-    picks FP32's class."""
-    same = total = 0
-    for out, ref in zip(state.outputs(gm, batches), labels, strict=True):
-        same += int((out.argmax(-1).reshape(-1) == ref).sum())
-        total += len(ref)
-    return 100.0 * same / max(total, 1)

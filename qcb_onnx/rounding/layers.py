@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,7 @@ def block_problem(
         moments=None,
         lower=t(np.where(zero, 0.0, -zp)),
         upper=t(np.where(zero, 0.0, blockwise.QMAX - zp)),
+        block_size=blocks.block_size,
     )
 
 
@@ -177,6 +179,9 @@ class ModelRounder:
         self.block_size, self.block_symmetric = block_size, block_symmetric
         self.checkpoint, self.fingerprint, self.resume = checkpoint, fingerprint, resume
         self.checkpoints: list[Checkpoint] = []  # every file written, removed once the output is verified
+        # FP32's and the quantized model's top-1 decisions on the last run's batches, read off its paused
+        # runs (`Prefix.decisions`): the error-budget search's agreement at no extra forward pass
+        self.decisions: Decisions | None = None
 
     def _checkpoint_for(self, method: RoundingMethod, tag: str) -> Checkpoint | None:
         if self.checkpoint is None:
@@ -269,6 +274,7 @@ class ModelRounder:
             if checkpoint:
                 done[layer.weight] = (wq.ints, reports[-1], shift)
                 checkpoint.save(done)
+        self.decisions = prefix.decisions(state) if prefix.batches else None
         return state, reports
 
 
@@ -294,6 +300,37 @@ class Prefix:
             for fp, q in zip(self.fp, self.quantized, strict=True):
                 x_fp = gm.resume(fp, [tensor])[tensor]
                 yield x_fp, gm.resume(q, [tensor], params=params, on_tensor=hook)[tensor]
+
+
+    def decisions(self, state: QuantState) -> Decisions | None:
+        """Both runs finished to the first output with every layer committed: the FP and quantized
+        top-1 decision of every sample (every position of a (batch, tokens, vocabulary) output), or
+        None where the output is not a decision.  Exactly `state.outputs` on these batches: a finished
+        layer loop's quantized prefix is the whole quantized model."""
+        gm, name = self.gm, self.gm.output_names[0]
+        params, hook = state.params(gm.device), state.hook()
+        if self.quantized is None:
+            self.quantized = [gm.start(b, on_tensor=hook) for b in self.batches]
+        fp, quantized = [], []
+        with torch.no_grad():
+            for f, q in zip(self.fp, self.quantized, strict=True):
+                out = gm.resume(f, [name])[name]
+                if out.dim() not in (2, 3) or out.shape[-1] < 2 or not out.is_floating_point():
+                    return None
+                fp.append(out.argmax(-1).reshape(-1))
+                quantized.append(gm.resume(q, [name], params=params, on_tensor=hook)[name].argmax(-1).reshape(-1))
+        return Decisions(fp, quantized)
+
+
+@dataclass
+class Decisions:
+    fp: list[torch.Tensor]  # per batch, flattened top-1 classes
+    quantized: list[torch.Tensor]
+
+    def agreement(self) -> float:
+        """% of samples (or token positions) on which the quantized model picks FP32's class."""
+        same = sum(int((q == f).sum()) for f, q in zip(self.fp, self.quantized, strict=True))
+        return 100.0 * same / max(sum(len(f) for f in self.fp), 1)
 
 
 def _commit(

@@ -29,6 +29,7 @@ class LayerProblem:
     # None: the grid's [qmin, qmax] everywhere
     lower: torch.Tensor | None = None
     upper: torch.Tensor | None = None
+    block_size: int | None = None  # columns per scale block (block-wise int4); None: one scale per row
 
     def bounds(self, dtype: torch.dtype | None = None) -> tuple[float | torch.Tensor, float | torch.Tensor]:
         """The integer bounds `torch.clamp` takes: the grid's, or the per-element ones in `dtype`."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
+from .. import large
 from ..load import load_model
 from ..passes import normalize
 from ..plan import find_layers
@@ -42,7 +43,7 @@ def _blockwise(node: onnx.NodeProto) -> bool:
 
 def convert_signals(fp_model: str | Path, qdq: onnx.ModelProto, w_bits: int) -> list[dict]:
     """Weight signals of every layer `convert` quantized, from the FP source and its output."""
-    normalized = normalize(load_model(fp_model))
+    normalized = normalize(load_model(fp_model, map_external=True))
     inits = {t.name: t for t in normalized.graph.initializer}
     out_inits = {t.name: t for t in qdq.graph.initializer}
     axes = _dq_axes(qdq)
@@ -53,7 +54,7 @@ def convert_signals(fp_model: str | Path, qdq: onnx.ModelProto, w_bits: int) -> 
         if scale is None or f"{layer.weight}_quantized" not in out_inits:
             continue  # excluded from quantization
         s = numpy_helper.to_array(scale).astype("float32").reshape(-1)
-        w = numpy_helper.to_array(inits[layer.weight]).astype("float32")
+        w = large.to_array(inits[layer.weight]).astype("float32")
         axis = axes.get(f"{layer.weight}_quantized") if s.size > 1 else None
         layers.append(layer_signals(w, s, axis, layer, grid))
     return layers
