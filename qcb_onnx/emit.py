@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import blockwise
 from .plan import QuantPlan
 from .quantsim import QuantState
 
@@ -24,11 +25,9 @@ METADATA_PREFIX = "qcb_onnx."
 
 def _int_tensor(name: str, values: np.ndarray, onnx_type: int) -> TensorProto:
     values = np.asarray(values)
-    if onnx_type in (TensorProto.INT4, TensorProto.UINT4):  # two per byte, the first in the low nibble
-        nibbles = (values.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
-        nibbles = np.concatenate([nibbles, np.zeros(nibbles.size % 2, np.uint8)])
+    if onnx_type in (TensorProto.INT4, TensorProto.UINT4):  # ONNX packs the flat tensor as MatMulNBits does
         tensor = TensorProto(name=name, data_type=onnx_type, dims=list(values.shape))
-        tensor.raw_data = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+        tensor.raw_data = blockwise.pack_nibbles(values.reshape(-1)).tobytes()
         return tensor
     np_type = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT32: np.int32}[onnx_type]
     return numpy_helper.from_array(values.astype(np_type), name)
