@@ -16,21 +16,25 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import blockwise
+from . import blockwise, large
 from .plan import QuantPlan
 from .quantsim import QuantState
+from .tensorfile import TensorFile
 
 METADATA_PREFIX = "qcb_onnx."
 
 
-def _int_tensor(name: str, values: np.ndarray, onnx_type: int) -> TensorProto:
+def initializer(name: str, values: np.ndarray, onnx_type: int, store: TensorFile | None = None) -> TensorProto:
+    """An initializer of ONNX type `onnx_type`; a large one appended to `store` where one is given, so
+    that the output of a model larger than memory is built without holding its weights (tensorfile.py)."""
     values = np.asarray(values)
+    if store is not None and values.size >= large.BIG_TENSOR:
+        return store.tensor(name, values, onnx_type)
     if onnx_type in (TensorProto.INT4, TensorProto.UINT4):  # ONNX packs the flat tensor as MatMulNBits does
         tensor = TensorProto(name=name, data_type=onnx_type, dims=list(values.shape))
         tensor.raw_data = blockwise.pack_nibbles(values.reshape(-1)).tobytes()
         return tensor
-    np_type = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT32: np.int32}[onnx_type]
-    return numpy_helper.from_array(values.astype(np_type), name)
+    return numpy_helper.from_array(values.astype(helper.tensor_dtype_to_np_dtype(onnx_type), copy=False), name)
 
 
 def _dequantized(
@@ -44,15 +48,16 @@ def _dequantized(
     nodes: list[onnx.NodeProto],
     block_size: int | None = None,
     zero_point: np.ndarray | None = None,
+    store: TensorFile | None = None,
 ) -> str:
     """Integers of initializer `name` (zero points 0 unless given) and their DequantizeLinear, in
     ORT's naming (`<name>_quantized`, `<params>_scale`, `<params>_zero_point`); `block_size`: a
     block-wise DequantizeLinear along `axis` (opset 21).  Returns the DQ output's name."""
     zp = np.zeros(scale.shape, dtype=np.int32) if zero_point is None else zero_point
     inits += [
-        _int_tensor(f"{name}_quantized", ints, onnx_type),
-        numpy_helper.from_array(scale.astype(np.float32), f"{params}_scale"),
-        _int_tensor(f"{params}_zero_point", zp, onnx_type),
+        initializer(f"{name}_quantized", ints, onnx_type, store),
+        initializer(f"{params}_scale", scale, TensorProto.FLOAT, store),
+        initializer(f"{params}_zero_point", zp, onnx_type, store),
     ]
     attrs = {} if axis is None else {"axis": axis}
     if block_size is not None:
@@ -70,9 +75,14 @@ def _dequantized(
 
 
 def emit_qdq(
-    model: onnx.ModelProto, plan: QuantPlan, state: QuantState, metadata: Mapping[str, object]
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    state: QuantState,
+    metadata: Mapping[str, object],
+    store: TensorFile | None = None,
 ) -> onnx.ModelProto:
-    """Return a new model; `model` must be the normalized model the plan and state were built on."""
+    """Return a new model; `model` must be the normalized model the plan and state were built on.
+    `store`: where large initializers go instead of into the proto (their TensorProtos reference it)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -88,11 +98,21 @@ def emit_qdq(
         per_channel = wq.axis is not None
         scale = wq.scale if per_channel else wq.scale.reshape(())
         replaced[name] = _dequantized(
-            name, wq.ints, wq.grid.onnx_type, scale, name, wq.axis, new_inits, head, wq.block_size, wq.zero_point
+            name,
+            wq.ints,
+            wq.grid.onnx_type,
+            scale,
+            name,
+            wq.axis,
+            new_inits,
+            head,
+            wq.block_size,
+            wq.zero_point,
+            store,
         )
     for name, bq in state.biases.items():
         replaced[name] = _dequantized(
-            name, bq.ints, TensorProto.INT32, bq.scale, f"{name}_quantized", 0, new_inits, head
+            name, bq.ints, TensorProto.INT32, bq.scale, f"{name}_quantized", 0, new_inits, head, store=store
         )
     graph_outputs = {o.name for o in graph.output}
     keep = [  # a quantized initializer that is also a graph output keeps its float values for that output
@@ -120,7 +140,7 @@ def emit_qdq(
             base = param_names[key] = f"{source}_storage{aq.grid.bits}" if taken else source
             new_inits += [
                 numpy_helper.from_array(np.array(aq.scale, dtype=np.float32), f"{base}_scale"),
-                _int_tensor(f"{base}_zero_point", np.array(aq.zero_point), aq.grid.onnx_type),
+                initializer(f"{base}_zero_point", np.array(aq.zero_point), aq.grid.onnx_type),
             ]
         visible = next((u for u, s in relu_aliases.items() if s == tensor), tensor)
         src = tensor
@@ -193,7 +213,7 @@ def read_weight_ints(model: onnx.ModelProto, weight: str) -> np.ndarray:
     initializer (ours or ORT's naming) as stored, or a MatMulNBits B unpacked (emit_nbits.py)."""
     for t in model.graph.initializer:
         if t.name == f"{weight}_quantized":
-            return numpy_helper.to_array(t).astype(np.int32)
+            return large.to_array(t).astype(np.int32)
     from .emit_nbits import read_nbits_ints
 
     return read_nbits_ints(model, weight)

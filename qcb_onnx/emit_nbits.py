@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
+from onnx.helper import np_dtype_to_tensor_dtype
 
 from . import large
 from .blockwise import Blocks, matmulnbits_inputs, unpack_nibbles
+from .emit import initializer
 from .quantsim import QuantState, WeightQuant
+from .tensorfile import TensorFile
 
 DOMAIN = "com.microsoft"
 
@@ -27,8 +30,9 @@ def _blocks(wq: WeightQuant) -> Blocks:
     return Blocks(wq.block_size, wq.scale.T, zp, wq.zero_point is None)
 
 
-def to_matmulnbits(model: onnx.ModelProto, state: QuantState) -> onnx.ModelProto:
-    """A copy of the QDQ `model` with every block-wise MatMul weight in MatMulNBits form.
+def to_matmulnbits(model: onnx.ModelProto, state: QuantState, store: TensorFile | None = None) -> onnx.ModelProto:
+    """A copy of the QDQ `model` with every block-wise MatMul weight in MatMulNBits form, the large
+    repacked initializers appended to `store` where one is given (emit._tensor).
 
     The copy is made without the initializers (only the ones kept are copied, at the end): the int4
     weights would otherwise exist three times at once, in `model`, in the copy and repacked."""
@@ -57,7 +61,7 @@ def to_matmulnbits(model: onnx.ModelProto, state: QuantState) -> onnx.ModelProto
             key: f"{weight}_{suffix}"
             for key, suffix in (("B", "Q4"), ("scales", "scales"), ("zero_points", "zero_points"))
         }
-        new_inits += [numpy_helper.from_array(v, names[key]) for key, v in packed.items()]
+        new_inits += [initializer(names[key], v, np_dtype_to_tensor_dtype(v.dtype), store) for key, v in packed.items()]
         inputs = [matmul.input[0], names["B"], names["scales"]] + (
             [names["zero_points"]] if "zero_points" in packed else []
         )
@@ -99,7 +103,7 @@ def read_nbits_ints(model: onnx.ModelProto, weight: str) -> np.ndarray:
     if name not in inits or node is None:
         raise KeyError(weight)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    b = numpy_helper.to_array(inits[name])  # (N, n_blocks, block_size / 2)
+    b = large.to_array(inits[name])  # (N, n_blocks, block_size / 2)
     u = unpack_nibbles(b.reshape(b.shape[0], -1), b.shape[1] * attrs["block_size"])[:, : attrs["K"]]
     symmetric = len(node.input) < 4 or not node.input[3]
     return (u - 8 if symmetric else u).T.astype(np.int32)

@@ -110,16 +110,18 @@ MAPPABLE = frozenset(
 )
 
 
-def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with its mapped tensors read into the proto, where the result stays under the limit (a
-    plain model a caller can `onnx.save`); else unchanged (write it with `save`, which streams them)."""
+def materialize(model: onnx.ModelProto, limit: int = LIMIT, always_from: str | Path | None = None) -> onnx.ModelProto:
+    """`model` with its mapped tensors read into the proto where the result stays under `limit` bytes
+    (a plain model a caller can `onnx.save`), else left mapped (write it with `save`, which streams
+    them); those stored in the folder `always_from` (about to be removed) are read in whatever the size."""
     tensors = [t for t in model.graph.initializer if mapped(t)]
-    if not tensors or sum(mapped(t)[2] for t in tensors) + _inline_size(model) > LIMIT:
-        return model
+    if tensors and sum(mapped(t)[2] for t in tensors) + _inline_size(model) > limit:
+        folder = None if always_from is None else os.path.realpath(always_from)
+        tensors = [t for t in tensors if os.path.dirname(os.path.realpath(mapped(t)[0])) == folder]
     for tensor in tensors:
         data = b"".join(_chunks(tensor))
         del tensor.external_data[:]
-        tensor.data_location = TensorProto.DEFAULT
+        tensor.ClearField("data_location")  # the bytes of a tensor that was built inline
         tensor.raw_data = data
     return model
 
@@ -266,9 +268,10 @@ def save(model: onnx.ModelProto, path: str | Path, external: bool | None = None)
 
 
 @contextlib.contextmanager
-def on_disk(model: onnx.ModelProto) -> Iterator[str]:
-    """A path to `model` saved (with external data when `split`) in a temporary folder."""
-    with tempfile.TemporaryDirectory(prefix="qcb_onnx_") as tmp:
+def on_disk(model: onnx.ModelProto, folder: str | Path | None = None) -> Iterator[str]:
+    """A path to `model` saved (with external data when `split`) in a temporary folder in `folder`
+    (default: the system's)."""
+    with tempfile.TemporaryDirectory(prefix="qcb_onnx_", dir=folder) as tmp:
         path = os.path.join(tmp, "model.onnx")
         save(model, path, external=split(model))
         yield path

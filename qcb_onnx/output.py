@@ -43,7 +43,8 @@ def write_atomic(model: onnx.ModelProto, out: Path, force: bool) -> list[Path]:
     """Save into a temporary folder beside `out`, then rename into place: a crash or Ctrl-C at any
     point leaves the old files or the new ones, never half of one.
 
-    A model over 2 GB is written as `out` + `out.data` (external data); the data file is renamed
+    A large model (over 2 GB, or holding tensors still in files: a conversion's output over
+    `large.HANDOVER`) is written as `out` + `out.data` (external data); the data file is renamed
     first, so a model file that exists always has its data.  Returns the files written.  Any OS
     error on the way is an `OutputError` (exit 11), with the temporary folder removed."""
     out = Path(out)

@@ -8,6 +8,7 @@ raises a `qcb_onnx.errors.QcbError` with a one-line message.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from .quantsim import QuantState
 from .rounding import ModelRounder, Rounded, method_for
 from .rounding.problem import LayerReport
 from .runtime import torch_device
+from .tensorfile import TensorFile
 from .verify import verify
 
 VERIFY_SAMPLES = 64  # calibration samples ORT and the simulation must agree on after writing
@@ -49,6 +51,20 @@ class Conversion:
     layers: list[LayerReport]
     config: QuantConfig
     seconds: float  # wall time of the conversion (not in the model: outputs are byte-identical)
+    # the temporary folder the state's integers and a large output's tensors are kept in (tensorfile.py);
+    # removed by `close` or when this object goes
+    workspace: tempfile.TemporaryDirectory | None = None
+
+    def close(self) -> None:
+        """Remove the workspace: a large `model`'s tensors stored there are gone with it."""
+        if self.workspace is not None:
+            self.workspace.cleanup()
+
+    def __enter__(self) -> Conversion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def simulate(self, x: np.ndarray, batch_size: int = 256, state: QuantState | None = None) -> np.ndarray:
         """Our PyTorch simulation of the quantized model (for agreement checks against ORT); `state`
@@ -67,9 +83,11 @@ def convert(
 
     `calibration` may be a path (.npy, .npz, image folder, .tar[.gz]), an array, a dict of arrays,
     or an onnxruntime `CalibrationDataReader`.  `config` is a `QuantConfig`; `options` are flat
-    overrides of it by option name (``w_bits=4``), see `QuantConfig.option_names()`.
+    overrides of it by option name (``w_bits=4``), see `QuantConfig.option_names()`.  The model is
+    returned whole, in memory; `quantize` and `output.write_atomic` write one larger than memory.
     """
-    return quantize(model, calibration, config, **options).model
+    with quantize(model, calibration, config, **options) as conversion:
+        return large.materialize(conversion.model, always_from=conversion.workspace.name)
 
 
 def quantize(
@@ -79,10 +97,17 @@ def quantize(
     *,
     checkpoint: str | Path | None = None,
     resume: bool = True,
+    workdir: str | Path | None = None,
     **options: Any,
 ) -> Conversion:
     """`convert` with the intermediate state.  `checkpoint`: a path to keep finished layers in, so an
-    interrupted run continues with `resume` (the CLI puts it next to the output)."""
+    interrupted run continues with `resume` (the CLI puts it next to the output).
+
+    The layer loop's integers and, where the output is over `large.HANDOVER` bytes, its large
+    tensors are kept on disk in a temporary folder in `workdir` (default: the system's; the CLI uses
+    the output's folder) that lives as long as the returned `Conversion`: write its model with
+    `output.write_atomic` before closing it.  It needs about the quantized model's size per error-
+    budget pass, twice over with MatMulNBits."""
     config = QuantConfig.from_options(config, **options)
     w, a, r, run = config.weights, config.activations, config.rounding, config.run
     method = method_for(r)
@@ -133,6 +158,7 @@ def quantize(
         check_calibration(gm, plan, batches())
 
     # round
+    workspace = tempfile.TemporaryDirectory(prefix=".qcb_onnx.", dir=workdir)
     rounder = ModelRounder(
         gm,
         plan,
@@ -148,6 +174,7 @@ def quantize(
         seed=run.seed,
         progress=run.progress,
         checkpoint=None if checkpoint is None else Path(checkpoint),
+        workspace=Path(workspace.name),
         fingerprint=lambda extra: _fingerprint(normalized, arrays, {**config.fingerprint(), **extra}),
         resume=resume,
     )
@@ -160,22 +187,36 @@ def quantize(
             state.weights = {
                 k: replace(wq, grid=replace(wq.grid, onnx_type=TensorProto.INT8)) for k, wq in state.weights.items()
             }
-        qdq = emit_qdq(normalized, plan, state, _metadata(config, rounded, n_images, rounder.n_images))
+        meta = _metadata(config, rounded, n_images, rounder.n_images)
+        store = TensorFile(Path(workspace.name) / "output.data")
+        qdq = emit_qdq(normalized, plan, state, meta, store)
         if w.weight_format == "matmulnbits":
-            qdq = to_matmulnbits(qdq, state)
-        qdq = large.materialize(qdq)  # weights left float, read in where the output fits one protobuf
+            qdq = to_matmulnbits(qdq, state, store)
+        store.close()
+        # tensors read into the proto where it stays small; a larger output stays in files until written
+        qdq = large.materialize(qdq, limit=large.HANDOVER)
 
         # verify, on up to VERIFY_SAMPLES samples in batches the model accepts
         if run.check:
             per_batch = len(next(iter(batches()[0].values())))
-            verify(qdq, gm, state, batches()[: max(1, VERIFY_SAMPLES // per_batch)], providers=run.providers)
+            verify(
+                qdq,
+                gm,
+                state,
+                batches()[: max(1, VERIFY_SAMPLES // per_batch)],
+                providers=run.providers,
+                workdir=workspace.name,
+            )
     except KeyboardInterrupt:
+        workspace.cleanup()
         raise  # finished layers stay in the checkpoints: --resume continues from them
     except BaseException:
         rounder.remove_checkpoints()  # a failed run leaves nothing behind
+        workspace.cleanup()
         raise
-    rounder.remove_checkpoints()
-    return Conversion(qdq, gm, state, plan, rounded.reports, config, round(time.perf_counter() - t0, 2))
+    rounder.remove_checkpoints()  # the state keeps reading its integers from the open mappings
+    seconds = round(time.perf_counter() - t0, 2)
+    return Conversion(qdq, gm, state, plan, rounded.reports, config, seconds, workspace)
 
 
 def _metadata(config: QuantConfig, rounded: Rounded, n_images: int, rounding_images: int) -> dict[str, object]:

@@ -75,7 +75,10 @@ def resolve_providers(choice: str | list[str] = "auto") -> list[str]:
     return names
 
 
-def session(model: onnx.ModelProto | str, providers: str | list[str] = "auto", threads: int = 0):
+def session(
+    model: onnx.ModelProto | str, providers: str | list[str] = "auto", threads: int = 0, workdir: str | None = None
+):
+    """An ORT session; a large proto is saved for it in a temporary folder in `workdir` first."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
@@ -84,6 +87,6 @@ def session(model: onnx.ModelProto | str, providers: str | list[str] = "auto", t
     if not isinstance(model, onnx.ModelProto):
         return ort.InferenceSession(model, opts, providers=providers)
     if large.split(model):  # ORT reads external data only from files; the session keeps what it needs
-        with large.on_disk(model) as path:
+        with large.on_disk(model, workdir) as path:
             return ort.InferenceSession(path, opts, providers=providers)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)

@@ -23,9 +23,11 @@ def verify(
     batches: list[dict[str, torch.Tensor]],
     providers: str | list[str] = "auto",
     min_agreement: float = 0.9,
+    workdir: str | None = None,
 ) -> float:
     """Raise VerificationError on any failed check; return top-1 agreement ORT vs simulation over
-    `batches` (each of a size the model accepts: a static batch dimension is honoured)."""
+    `batches` (each of a size the model accepts: a static batch dimension is honoured).  A large
+    model reaches ORT as files in a temporary folder in `workdir`."""
     try:
         large.check_model(qdq, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -34,7 +36,7 @@ def verify(
         if not np.array_equal(read_weight_ints(qdq, name), wq.ints):
             raise VerificationError(f"integer weights of '{name}' differ from the rounding decisions")
     try:
-        sess = session(qdq, providers)
+        sess = session(qdq, providers, workdir=workdir)
         ort_out = np.concatenate([sess.run(None, {k: v.cpu().numpy() for k, v in b.items()})[0] for b in batches])
     except Exception as exc:  # noqa: BLE001
         raise VerificationError(f"ONNX Runtime cannot run the written model: {one_line(exc)}") from None

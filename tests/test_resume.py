@@ -50,11 +50,16 @@ def test_interrupted_run_resumes_with_identical_integers(qcb_model, digits, tmp_
     layers, total = 4, calls["n"]
     assert len(search["probes"]) >= 2 and total == layers * len(search["probes"])  # a pass per budget tried
 
-    ckpt = tmp_path / "run.resume.npz"
+    ckpt = tmp_path / "run.resume"
     calls.update(n=0, die_at=layers + 3)  # two layers into the search's second pass
     with pytest.raises(KeyboardInterrupt):
         quantize(onnx.load(qcb_model), calib, checkpoint=ckpt, **options)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.resume.b0.25.npz", "run.resume.b0.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "run.b0.25.resume",
+        "run.b0.25.resume.json",
+        "run.b0.resume",
+        "run.b0.resume.json",
+    ]
 
     calls.update(n=0, die_at=None)
     resumed = quantize(onnx.load(qcb_model), calib, checkpoint=ckpt, **options)
@@ -69,19 +74,15 @@ def test_interrupted_run_resumes_with_identical_integers(qcb_model, digits, tmp_
 def test_checkpoint_of_another_run_is_ignored(qcb_model, digits, tmp_path):
     """A checkpoint written with other options (here another seed) is not reused."""
     calib = digits[0][:64]
-    ckpt = tmp_path / "c.npz"
+    ckpt = tmp_path / "c.resume"
     from qcb_onnx.rounding.checkpoint import Checkpoint
     from qcb_onnx.rounding.problem import LayerReport
 
-    Checkpoint(ckpt, "not-this-run").save(
-        {
-            "features.0.weight": (
-                np.zeros((16, 1, 3, 3), np.int32),
-                LayerReport("n", "features.0.weight", (16, 1, 3, 3), 0.0, 1.0, 0.0),
-                None,
-            )
-        }
-    )
+    other = Checkpoint(ckpt, "not-this-run")
+    other.load()
+    report = LayerReport("n", "features.0.weight", (16, 1, 3, 3), 0.0, 1.0, 0.0)
+    other.add("features.0.weight", np.zeros((16, 1, 3, 3), np.int8), report, None)
+    assert Checkpoint(ckpt, "not-this-run").load().keys() == {"features.0.weight"}  # it would resume its own run
     result = quantize(onnx.load(qcb_model), calib, w_bits=4, iters=20, providers="cpu", checkpoint=ckpt)
     assert np.abs(read_weight_ints(result.model, "features.0.weight")).sum() > 0
 
@@ -110,7 +111,7 @@ def test_sigkill_then_cli_resume(qcb_model, calib_npy, tmp_path):
     out = tmp_path / "out.onnx"
     proc = subprocess.Popen([*base, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list(tmp_path.glob(".out.onnx.resume*.npz")) and proc.poll() is None and time.time() < deadline:
+    while not list(tmp_path.glob(".out.onnx*.resume.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     if proc.poll() is not None:
         pytest.skip("conversion finished before it could be killed")
@@ -122,4 +123,4 @@ def test_sigkill_then_cli_resume(qcb_model, calib_npy, tmp_path):
     ref, got = _ints(onnx.load(ref_out)), _ints(onnx.load(out))
     for name in ref:
         np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
-    assert not list(tmp_path.glob(".out.onnx.resume*"))
+    assert not list(tmp_path.glob(".out.onnx*"))  # no checkpoint, no workspace

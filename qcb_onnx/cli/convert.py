@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -158,24 +159,38 @@ def cmd_convert(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     out = Path(args.out)
     check_output(out, args.force, args.model)  # before any work: a conversion must not end unwritable
-    checkpoint = out.parent / f".{out.name}.resume.npz"
+    checkpoint = out.parent / f".{out.name}.resume"
+    # the conversion's on-disk workspace (the layer loop's integers, a large output's tensors), beside the
+    # output rather than in a system temp folder that may be memory; a killed run's is removed here
+    work = out.parent / f".{out.name}.work"
+    shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
-    model = pipeline.convert(args.model, args.calib, config, checkpoint=checkpoint, resume=args.resume)
-    written = write_atomic(model, out, args.force)
-    if config.run.progress:
-        meta = {p.key: p.value for p in model.metadata_props}
-        w, a = config.weights, config.activations
-        print(
-            f"wrote {' + '.join(str(p) for p in reversed(written))}: method={config.rounding.method} "
-            f"w_bits={w.w_bits} a_bits={a.a_bits} "
-            f"{_weights_scheme(w)}, {time.perf_counter() - t0:.1f} s"
-        )
-        if "qcb_onnx.error_budget" in meta:
-            print(budget_summary(json.loads(meta["qcb_onnx.error_budget"])))
-        from ..scan.quick import convert_verdict  # the scan's cheap signals: no model run
-
-        print(convert_verdict(args.model, model, w.w_bits, w.per_channel))
+    try:
+        work.mkdir()
+        with pipeline.quantize(
+            args.model, args.calib, config, checkpoint=checkpoint, resume=args.resume, workdir=work
+        ) as conversion:
+            written = write_atomic(conversion.model, out, args.force)
+            if config.run.progress:
+                _summary(args, config, conversion.model, written, time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _summary(args: argparse.Namespace, config: QuantConfig, model, written: list[Path], seconds: float) -> None:
+    """What was written, how the error budget was set, and the scan's cheap verdict on it."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    w, a = config.weights, config.activations
+    print(
+        f"wrote {' + '.join(str(p) for p in reversed(written))}: method={config.rounding.method} "
+        f"w_bits={w.w_bits} a_bits={a.a_bits} {_weights_scheme(w)}, {seconds:.1f} s"
+    )
+    if "qcb_onnx.error_budget" in meta:
+        print(budget_summary(json.loads(meta["qcb_onnx.error_budget"])))
+    from ..scan.quick import convert_verdict  # the scan's cheap signals: no model run
+
+    print(convert_verdict(args.model, model, w.w_bits, w.per_channel))
 
 
 def _weights_scheme(w) -> str:

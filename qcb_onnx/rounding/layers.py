@@ -146,10 +146,11 @@ class ModelRounder:
     """The layer loop bound to one model, its calibrated activations and its calibration batches.
 
     `run(method)` rounds every layer once; a model-level method (the error-budget search) calls it
-    several times.  With a `checkpoint` path, each run keeps its finished layers in its own file
-    (the path with the run's `tag`), so a killed run resumes where it stopped with the same
-    integers: each layer's randomness is seeded by the seed and the layer's position, not by what
-    ran before."""
+    several times.  Each run keeps its finished layers in its own checkpoint file (checkpoint.py;
+    the state holds them memory-mapped from there): at the `checkpoint` path with the run's `tag`,
+    so a killed run resumes where it stopped with the same integers (each layer's randomness is
+    seeded by the seed and the layer's position, not by what ran before), or in `workspace`, a
+    folder that goes with the conversion, where no resumable run was asked for."""
 
     def __init__(
         self,
@@ -168,6 +169,7 @@ class ModelRounder:
         seed: int,
         progress: bool = False,
         checkpoint: Path | None = None,
+        workspace: Path | None = None,
         fingerprint: Callable[[dict[str, Any]], str] | None = None,
         resume: bool = True,
     ) -> None:
@@ -178,14 +180,18 @@ class ModelRounder:
         self.int32_bias = int32_bias
         self.block_size, self.block_symmetric = block_size, block_symmetric
         self.checkpoint, self.fingerprint, self.resume = checkpoint, fingerprint, resume
+        if checkpoint is None and workspace is None:
+            raise ValueError("the layer loop keeps its integers in a checkpoint or a workspace folder")
+        self.workspace = workspace
         self.checkpoints: list[Checkpoint] = []  # every file written, removed once the output is verified
         # FP32's and the quantized model's top-1 decisions on the last run's batches, read off its paused
         # runs (`Prefix.decisions`): the error-budget search's agreement at no extra forward pass
         self.decisions: Decisions | None = None
 
-    def _checkpoint_for(self, method: RoundingMethod, tag: str) -> Checkpoint | None:
+    def _checkpoint_for(self, method: RoundingMethod, tag: str) -> Checkpoint:
         if self.checkpoint is None:
-            return None
+            self.checkpoints.append(Checkpoint(self.workspace / f"layers{tag}", "", resume=False))
+            return self.checkpoints[-1]
         path = self.checkpoint.with_name(f"{self.checkpoint.stem}{tag}{self.checkpoint.suffix}")
         key = self.fingerprint({"version": __version__, "method": method.params()}) if self.fingerprint else ""
         self.checkpoints.append(Checkpoint(path, key, self.resume))
@@ -240,7 +246,7 @@ class ModelRounder:
         checkpoint = self._checkpoint_for(method, tag)
         prefix = Prefix(gm, self.data_batches() if method.data != "none" else [])
         reports = []
-        done = checkpoint.load() if checkpoint else {}
+        done = checkpoint.load()
         bar = progress_bar(self.plan.layers, desc=method.label(), unit="layer", enabled=self.progress)
         for layer in bar:
             bar.set_postfix_str(layer.node or layer.weight)
@@ -267,13 +273,11 @@ class ModelRounder:
             shift = None
             if method.corrects_bias and layer.bias is not None:
                 shift = problem.moments.output_shift(hard_weight(problem, up) - problem.weight).cpu().numpy()
-            _commit(state, gm, layer, wq, shift, self.int32_bias)
             reports.append(
                 LayerReport(layer.node, layer.weight, tuple(w.shape), result.flip_ratio, result.error, result.strength)
             )
-            if checkpoint:
-                done[layer.weight] = (wq.ints, reports[-1], shift)
-                checkpoint.save(done)
+            wq.ints = checkpoint.add(layer.weight, wq.ints, reports[-1], shift)  # held from the file from now on
+            _commit(state, gm, layer, wq, shift, self.int32_bias)
         self.decisions = prefix.decisions(state) if prefix.batches else None
         return state, reports
 
@@ -300,7 +304,6 @@ class Prefix:
             for fp, q in zip(self.fp, self.quantized, strict=True):
                 x_fp = gm.resume(fp, [tensor])[tensor]
                 yield x_fp, gm.resume(q, [tensor], params=params, on_tensor=hook)[tensor]
-
 
     def decisions(self, state: QuantState) -> Decisions | None:
         """Both runs finished to the first output with every layer committed: the FP and quantized
