@@ -24,10 +24,15 @@ from .tensorfile import TensorFile
 METADATA_PREFIX = "qcb_onnx."
 
 
-def initializer(name: str, values: np.ndarray, onnx_type: int, store: TensorFile | None = None) -> TensorProto:
-    """An initializer of ONNX type `onnx_type`; a large one appended to `store` where one is given, so
-    that the output of a model larger than memory is built without holding its weights (tensorfile.py)."""
+def initializer(
+    name: str, values: np.ndarray, onnx_type: int | None = None, store: TensorFile | None = None
+) -> TensorProto:
+    """An initializer of ONNX type `onnx_type` (default: the array's); a large one appended to `store`
+    where one is given, so that the output of a model larger than memory is built without holding its
+    weights (tensorfile.py)."""
     values = np.asarray(values)
+    if onnx_type is None:
+        onnx_type = helper.np_dtype_to_tensor_dtype(values.dtype)
     if store is not None and values.size >= large.BIG_TENSOR:
         return store.tensor(name, values, onnx_type)
     if onnx_type in (TensorProto.INT4, TensorProto.UINT4):  # ONNX packs the flat tensor as MatMulNBits does

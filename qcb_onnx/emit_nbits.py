@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper
-from onnx.helper import np_dtype_to_tensor_dtype
 
 from . import large
 from .blockwise import Blocks, matmulnbits_inputs, unpack_nibbles
@@ -61,7 +60,7 @@ def to_matmulnbits(model: onnx.ModelProto, state: QuantState, store: TensorFile 
             key: f"{weight}_{suffix}"
             for key, suffix in (("B", "Q4"), ("scales", "scales"), ("zero_points", "zero_points"))
         }
-        new_inits += [initializer(names[key], v, np_dtype_to_tensor_dtype(v.dtype), store) for key, v in packed.items()]
+        new_inits += [initializer(names[key], v, store=store) for key, v in packed.items()]
         inputs = [matmul.input[0], names["B"], names["scales"]] + (
             [names["zero_points"]] if "zero_points" in packed else []
         )

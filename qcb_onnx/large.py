@@ -254,17 +254,21 @@ def save(model: onnx.ModelProto, path: str | Path, external: bool | None = None)
             for piece in _chunks(tensor):
                 f.write(piece)
                 size += len(piece)
-            ref = TensorProto()
-            ref.name, ref.data_type, ref.data_location = tensor.name, tensor.data_type, TensorProto.EXTERNAL
-            ref.dims.extend(tensor.dims)
+            ref = external_ref(tensor.name, tensor.data_type, tensor.dims, data.name, offset, size)
             ref.doc_string = tensor.doc_string
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(size))):
-                entry = ref.external_data.add()
-                entry.key, entry.value = key, value
             skeleton.graph.initializer.append(ref)
             offset += size
     onnx.save(skeleton, path)
     return [data, path]
+
+
+def external_ref(name: str, data_type: int, dims, location: str, offset: int, length: int) -> TensorProto:
+    """An initializer whose bytes are `length` bytes at `offset` in the file `location` (ONNX external data)."""
+    ref = TensorProto(name=name, data_type=data_type, dims=list(dims), data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = ref.external_data.add()
+        entry.key, entry.value = key, value
+    return ref
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper
 
-from . import blockwise
+from . import blockwise, large
 
 ALIGN = 64  # offsets aligned for any dtype's memory mapping
 
@@ -69,12 +69,7 @@ class TensorFile:
         else:
             raw = values.astype(helper.tensor_dtype_to_np_dtype(data_type), copy=False)
         offset = self.append(raw)
-        tensor = TensorProto(name=name, data_type=data_type, dims=list(values.shape))
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", str(self.path)), ("offset", str(offset)), ("length", str(raw.nbytes))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        return tensor
+        return large.external_ref(name, data_type, values.shape, str(self.path), offset, raw.nbytes)
 
     def close(self) -> None:
         self._file.close()
